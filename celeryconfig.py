@@ -1,0 +1,79 @@
+"""Celery settings for jobgate: reliability constants here, connection settings derived from gateway.yaml.
+
+Celery reads the module-level names (``app.config_from_object("celeryconfig")``); ``from_settings``
+adds what depends on the deployment. Importing this module reads no environment and opens nothing.
+See ../shared/CELERY_NOTES.md for why each reliability setting is what it is.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway_core.settings import Settings
+
+MAINTENANCE_QUEUE = "jobgate.maintenance"
+
+# Ack after the task returns, and requeue when a pool child dies under it: a killed worker loses no job.
+task_acks_late = True
+task_reject_on_worker_lost = True
+# With late acks only a multiplier of 1 keeps one worker from hoarding jobs that others could run.
+worker_prefetch_multiplier = 1
+# Countdown messages sit unacked in worker memory and ignore prefetch: bound them.
+worker_eta_task_limit = 1000
+worker_cancel_long_running_tasks_on_connection_loss = True
+broker_connection_retry_on_startup = True
+# A web thread must not block forever on an exhausted producer pool.
+broker_pool_acquire_timeout = 5.0
+
+task_serializer = "json"
+accept_content = ["json"]
+result_serializer = "json"
+# The job row is the source of truth for clients; Celery's results would be a second copy.
+task_ignore_result = True
+task_track_started = False
+task_default_queue = MAINTENANCE_QUEUE
+task_create_missing_queues = True
+worker_send_task_events = True  # for Flower
+task_send_sent_event = True
+enable_utc = True
+timezone = "UTC"
+
+
+def from_settings(settings: Settings) -> dict[str, Any]:
+    """Broker, routes, limits and the beat schedule for one deployment's settings."""
+    gw = settings.gateway
+    max_timeout = max(r.timeout for svc in settings.services.values() for r in svc.replicas)
+    transport: dict[str, Any] = {}
+    if settings.celery_broker_url.startswith(("redis", "rediss")):
+        transport = {
+            # Redis re-delivers any message unacked this long: a killed worker's job comes back after it.
+            "visibility_timeout": gw.visibility_timeout_seconds,
+            # kombu 5.7: scan for expired unacked messages every 2 s instead of every ~100 s.
+            "unacked_restore_interval": 2,
+            "unacked_restore_throttle": 1,
+            "socket_connect_timeout": gw.publish_timeout_seconds,
+        }
+    return {
+        "broker_url": settings.celery_broker_url,
+        "broker_transport_options": transport,
+        "broker_connection_timeout": gw.publish_timeout_seconds,
+        "task_routes": {
+            "jobgate.sweep_jobs": {"queue": MAINTENANCE_QUEUE},
+        },
+        # A task outliving its lease would race the sweeper's re-send: hard limit stays under the lease.
+        "task_annotations": {
+            "jobgate.dispatch_job": {
+                "soft_time_limit": max_timeout + 5,
+                "time_limit": max_timeout + min(10.0, gw.lease_margin_seconds - 1),
+            },
+            "jobgate.sweep_jobs": {"soft_time_limit": 30, "time_limit": 40},
+        },
+        "beat_schedule": {
+            "sweep-jobs": {
+                "task": "jobgate.sweep_jobs",
+                "schedule": gw.sweep_interval_seconds,
+                "options": {"queue": MAINTENANCE_QUEUE, "expires": gw.sweep_interval_seconds},
+            },
+        },
+    }

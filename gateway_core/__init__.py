@@ -1,0 +1,1 @@
+"""Framework-free domain of jobgate: settings, models, the job state machine, the service catalog."""

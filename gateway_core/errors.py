@@ -1,0 +1,69 @@
+"""Domain errors: each carries a stable code and the HTTP status a client sees."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GatewayError(Exception):
+    """Base of every error a client may see; mapped once to the error envelope."""
+
+    code = "INTERNAL_ERROR"
+    status = 500
+
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequestError(GatewayError):
+    code = "INVALID_REQUEST"
+    status = 400
+
+
+class ValidationFailedError(GatewayError):
+    code = "VALIDATION_FAILED"
+    status = 422
+
+
+class AuthenticationError(GatewayError):
+    code = "UNAUTHENTICATED"
+    status = 401
+
+
+class NotFoundError(GatewayError):
+    code = "NOT_FOUND"
+    status = 404
+
+
+class UnknownServiceError(NotFoundError):
+    code = "UNKNOWN_SERVICE"
+
+
+class ServiceDisabledError(GatewayError):
+    code = "SERVICE_DISABLED"
+    status = 503
+
+
+class UnsupportedMediaTypeError(GatewayError):
+    code = "UNSUPPORTED_MEDIA_TYPE"
+    status = 415
+
+
+class PayloadTooLargeError(GatewayError):
+    code = "PAYLOAD_TOO_LARGE"
+    status = 413
+
+
+class IllegalTransitionError(GatewayError):
+    """A job was asked to move to a state its current state may not reach."""
+
+    code = "ILLEGAL_TRANSITION"
+    status = 409
+
+
+class ConfigError(Exception):
+    """gateway.yaml or the environment holds a bad key or value; raised at start."""

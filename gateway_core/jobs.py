@@ -1,0 +1,160 @@
+"""Jobs: creation, guarded state transitions with their events, and what a worker may claim.
+
+Every change here runs inside the caller's transaction and only flushes; the caller commits.
+A transition is a guarded ``UPDATE … WHERE state = <observed> AND attempts = <observed>``: when a
+concurrent worker or a duplicate message moved the job first, nothing matches and the caller backs off.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from gateway_core.errors import NotFoundError
+from gateway_core.models import Job, JobEvent, utcnow
+from gateway_core.states import IN_FLIGHT, TERMINAL, JobState, check_transition
+
+S = JobState
+
+
+def create_job(
+    session: Session,
+    *,
+    tenant_id: int,
+    service: str,
+    request: dict[str, Any],
+    input_data: bytes | None = None,
+    input_content_type: str | None = None,
+    audio_seconds: float | None = None,
+) -> Job:
+    """Record an admitted job in QUEUED, with its RECEIVED and QUEUED events; not yet sent to the broker."""
+    now = utcnow()
+    job = Job(
+        tenant_id=tenant_id,
+        service=service,
+        state=S.QUEUED,
+        request=request,
+        input_data=input_data,
+        input_content_type=input_content_type,
+        audio_seconds=audio_seconds,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(job)
+    session.flush()
+    session.add(JobEvent(job_id=job.id, at=now, from_state=None, to_state=S.RECEIVED))
+    session.add(JobEvent(job_id=job.id, at=now, from_state=S.RECEIVED, to_state=S.QUEUED))
+    session.flush()
+    return job
+
+
+def transition(
+    session: Session,
+    job: Job,
+    to: JobState,
+    *,
+    replica: str | None = None,
+    attempt: int | None = None,
+    detail: dict[str, Any] | None = None,
+    values: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> Job | None:
+    """Move ``job`` from the state it was read in to ``to`` and append the event.
+
+    Raises IllegalTransitionError when the table forbids it; returns None when the row changed
+    since it was read (another worker or message got there first), the job refreshed otherwise.
+    """
+    observed_state, observed_attempts = job.state, job.attempts
+    check_transition(observed_state, to)
+    now = now or utcnow()
+    new_attempts = observed_attempts if attempt is None else attempt
+    changes: dict[str, Any] = {"state": to, "updated_at": now, "attempts": new_attempts, **(values or {})}
+    if replica is not None:
+        changes["replica"] = replica
+    if to in TERMINAL:
+        changes.update(finished_at=now, lease_expires_at=None)
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.state == observed_state, Job.attempts == observed_attempts)
+        .values(**changes)
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    session.add(
+        JobEvent(
+            job_id=job.id,
+            at=now,
+            from_state=observed_state,
+            to_state=to,
+            replica=replica if replica is not None else job.replica,
+            attempt=new_attempts,
+            detail=detail,
+        )
+    )
+    session.flush()
+    return session.get(Job, job.id, populate_existing=True)
+
+
+def claimable(job: Job, now: datetime) -> bool:
+    """A worker may take the job: it waits for balancing, or its worker's lease ran out."""
+    if job.state in (S.QUEUED, S.HELD):
+        return True
+    return job.state in IN_FLIGHT and job.lease_expires_at is not None and job.lease_expires_at <= now
+
+
+def lease_until(now: datetime, seconds: float) -> datetime:
+    return now + timedelta(seconds=seconds)
+
+
+def get_job(session: Session, job_id: str, *, tenant_id: int | None = None) -> Job:
+    """The job, only if it belongs to tenant_id when given; NotFoundError otherwise (no existence leak)."""
+    job = session.get(Job, job_id)
+    if job is None or (tenant_id is not None and job.tenant_id != tenant_id):
+        raise NotFoundError(f"no job {job_id}", details={"id": job_id})
+    return job
+
+
+def mark_enqueued(session: Session, job_id: str, now: datetime | None = None) -> None:
+    """Record that a dispatch message is with the broker (the job row is its own outbox)."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(enqueued_at=now or utcnow())
+        .execution_options(synchronize_session=False)
+    )
+
+
+def jobs_to_resend(
+    session: Session, *, unsent_before: datetime, resent_before: datetime, now: datetime, limit: int = 500
+) -> list[Job]:
+    """Jobs no message is driving: committed but never handed to the broker, or whose worker's lease ran out
+    (and that were not already re-sent since ``resent_before``)."""
+    stmt = (
+        select(Job)
+        .where(
+            or_(
+                (Job.state == S.QUEUED) & Job.enqueued_at.is_(None) & (Job.updated_at < unsent_before),
+                Job.state.in_(list(IN_FLIGHT))
+                & (Job.lease_expires_at < now)
+                & (Job.enqueued_at.is_(None) | (Job.enqueued_at < resent_before)),
+            )
+        )
+        .order_by(Job.updated_at)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)
+    return list(session.scalars(stmt))
+
+
+def failed_replicas(job: Job) -> set[str]:
+    """Replicas whose attempt at this job failed, so failover can prefer the others."""
+    return {
+        ev.replica
+        for ev in job.events
+        if ev.replica and ev.detail and ev.detail.get("outcome") == "replica_error"
+    }

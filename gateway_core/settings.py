@@ -1,0 +1,149 @@
+"""The one settings object: gateway.yaml (path from JOBGATE_CONFIG), overridden by environment variables."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, field_validator, model_validator
+
+from gateway_core.errors import ConfigError
+
+SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+# Environment variables that override a key of gateway.yaml.
+ENV_OVERRIDES = {
+    "DATABASE_URL": "database_url",
+    "REDIS_URL": "redis_url",
+    "CELERY_BROKER_URL": "broker_url",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ReplicaConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    url: HttpUrl
+    weight: int = Field(default=1, ge=1, le=1000)
+    max_concurrency: int = Field(default=4, ge=1, le=10_000)
+    timeout: float = Field(default=30.0, gt=0, le=3600, description="seconds allowed for one attempt")
+
+    @property
+    def base_url(self) -> str:
+        return str(self.url).rstrip("/")
+
+
+class ServiceConfig(_Strict):
+    kind: Literal["transcribe", "codegen"] = Field(description="which request schema the service takes")
+    enabled: bool = True
+    queue: str | None = Field(default=None, description="Celery queue; svc.<service> when omitted")
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    backoff_base_seconds: float = Field(default=1.0, ge=0, le=60)
+    backoff_max_seconds: float = Field(default=10.0, ge=0, le=600)
+    replicas: list[ReplicaConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_replica_names(self) -> ServiceConfig:
+        names = [r.name for r in self.replicas]
+        if len(names) != len(set(names)):
+            raise ValueError(f"replica names must be unique, got {names}")
+        return self
+
+
+class GatewayConfig(_Strict):
+    max_body_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
+    audio_fetch_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    # Fetching audio_url from loopback or private ranges is an SSRF hole in production;
+    # the embedded stack and the tests serve audio from 127.0.0.1 and turn this on.
+    allow_private_audio_urls: bool = False
+    visibility_timeout_seconds: int = Field(default=60, ge=5, le=43200)
+    sweep_interval_seconds: float = Field(default=5.0, gt=0, le=600)
+    sweep_unsent_after_seconds: float = Field(default=10.0, ge=0, le=3600)
+    lease_margin_seconds: float = Field(default=15.0, ge=1, le=3600)
+    publish_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+
+
+class Settings(_Strict):
+    database_url: str = "sqlite:///jobgate.db"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    broker_url: str | None = Field(default=None, description="Celery broker; redis_url when omitted")
+    gateway: GatewayConfig = GatewayConfig()
+    services: dict[str, ServiceConfig] = Field(min_length=1)
+
+    @field_validator("services")
+    @classmethod
+    def _service_names(cls, services: dict[str, ServiceConfig]) -> dict[str, ServiceConfig]:
+        for name in services:
+            if not SERVICE_NAME.match(name):
+                raise ValueError(f"service name {name!r} must match {SERVICE_NAME.pattern}")
+        return services
+
+    @model_validator(mode="after")
+    def _countdowns_under_visibility(self) -> Settings:
+        # Redis re-delivers a countdown longer than the visibility timeout (celery#2599): keep them well under.
+        limit = self.gateway.visibility_timeout_seconds / 2
+        for name, svc in self.services.items():
+            if svc.backoff_max_seconds > limit:
+                raise ValueError(
+                    f"services.{name}.backoff_max_seconds={svc.backoff_max_seconds} must be at most half of "
+                    f"gateway.visibility_timeout_seconds ({self.gateway.visibility_timeout_seconds})"
+                )
+        return self
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or self.redis_url
+
+    def queue_for(self, service: str) -> str:
+        return self.services[service].queue or f"svc.{service}"
+
+    @property
+    def queues(self) -> list[str]:
+        return sorted({self.queue_for(name) for name in self.services})
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    return f"{key}: {err['msg']} (got {err.get('input')!r})"
+
+
+def parse_settings(data: Mapping[str, Any], environ: Mapping[str, str] | None = None, source: str = "") -> Settings:
+    """Validate a config mapping with environment overrides; ConfigError names each bad key and value."""
+    merged = dict(data)
+    for var, key in ENV_OVERRIDES.items():
+        if environ and environ.get(var):
+            merged[key] = environ[var]
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        lines = "\n  ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"invalid configuration{' in ' + source if source else ''}:\n  {lines}") from None
+
+
+def config_path(environ: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    return Path(env.get("JOBGATE_CONFIG") or "gateway.yaml")
+
+
+def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read gateway.yaml (or JOBGATE_CONFIG) and apply DATABASE_URL, REDIS_URL, CELERY_BROKER_URL."""
+    env = os.environ if environ is None else environ
+    file = Path(path) if path else config_path(env)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {file} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {file} must hold a mapping at the top level")
+    return parse_settings(data, env, source=str(file))

@@ -1,0 +1,57 @@
+"""Tenants and their API keys (kept as SHA-256 hashes only); the one place a key is checked."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from typing import Literal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from gateway_core.errors import AuthenticationError, InvalidRequestError, NotFoundError
+from gateway_core.models import ApiKey, Tenant
+
+Tier = Literal["free", "pro", "enterprise"]
+TIERS: tuple[str, ...] = ("free", "pro", "enterprise")
+KEY_PREFIX = "jg_"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_tenant(session: Session, name: str, tier: str = "free") -> Tenant:
+    if tier not in TIERS:
+        raise InvalidRequestError(f"tier must be one of {', '.join(TIERS)}, got {tier!r}")
+    if session.scalar(select(Tenant).where(Tenant.name == name)) is not None:
+        raise InvalidRequestError(f"tenant {name!r} already exists", code="TENANT_EXISTS")
+    tenant = Tenant(name=name, tier=tier)
+    session.add(tenant)
+    session.flush()
+    return tenant
+
+
+def tenant_by_name(session: Session, name: str) -> Tenant:
+    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        raise NotFoundError(f"no tenant {name!r}")
+    return tenant
+
+
+def create_api_key(session: Session, tenant: Tenant) -> str:
+    """Create a key for tenant and return it; only its hash is stored, so this is the one time it is seen."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiKey(tenant_id=tenant.id, prefix=key[:10], key_hash=hash_key(key)))
+    session.flush()
+    return key
+
+
+def authenticate_key(session: Session, key: str | None) -> Tenant:
+    """The tenant owning a live API key; AuthenticationError when it is missing, unknown or revoked."""
+    if not key:
+        raise AuthenticationError("missing API key: send Authorization: Bearer <key>")
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+    if row is None or row.revoked_at is not None:
+        raise AuthenticationError("invalid API key")
+    return row.tenant

@@ -1,0 +1,1 @@
+"""Celery side of jobgate: the app, the dispatch task, the balancer, the replica client, the sweeper."""

@@ -1,0 +1,63 @@
+"""Calling a replica over the replica protocol (docs/replica-protocol.md) and classifying its failures."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from gateway_core.models import Job
+from gateway_core.settings import ReplicaConfig
+
+
+@dataclass(frozen=True)
+class ReplicaError(Exception):
+    """A failed attempt: ``retriable`` ones send the job to another replica, the rest fail it."""
+
+    code: str
+    message: str
+    retriable: bool
+    status: int | None = None
+
+
+def build_payload(job: Job, kind: str) -> dict[str, Any]:
+    payload: dict[str, Any] = {"job_id": job.id, "service": job.service, "kind": kind, "input": job.request}
+    if job.input_data is not None:
+        payload["audio"] = {
+            "content_type": job.input_content_type or "application/octet-stream",
+            "data_base64": base64.b64encode(job.input_data).decode(),
+        }
+    return payload
+
+
+def _reason(resp: httpx.Response) -> str:
+    try:
+        err = resp.json().get("error", {})
+        return str(err.get("message") or err)[:500]
+    except (ValueError, AttributeError):
+        return resp.text[:500]
+
+
+def call_replica(http: httpx.Client, replica: ReplicaConfig, payload: dict[str, Any]) -> dict[str, Any]:
+    """POST the job to the replica; its JSON answer ({output, usage}) or a ReplicaError."""
+    timeout = httpx.Timeout(replica.timeout, connect=min(5.0, replica.timeout))
+    try:
+        resp = http.post(f"{replica.base_url}/v1/process", json=payload, timeout=timeout)
+    except httpx.TimeoutException:
+        raise ReplicaError("REPLICA_TIMEOUT", f"no answer within {replica.timeout} s", retriable=True) from None
+    except httpx.TransportError as exc:
+        raise ReplicaError("REPLICA_UNREACHABLE", f"{exc.__class__.__name__}: {exc}", retriable=True) from None
+    if resp.status_code >= 500 or resp.status_code == 429:
+        raise ReplicaError("REPLICA_ERROR", _reason(resp), retriable=True, status=resp.status_code)
+    if resp.status_code >= 400:
+        raise ReplicaError("REPLICA_REJECTED", _reason(resp), retriable=False, status=resp.status_code)
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or not isinstance(body.get("output"), dict):
+        raise ReplicaError("REPLICA_BAD_RESPONSE", "answer has no JSON 'output' object", retriable=True,
+                           status=resp.status_code)
+    return body

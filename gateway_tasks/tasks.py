@@ -1,0 +1,147 @@
+"""Celery tasks: dispatch a job to a replica (idempotent, bounded) and sweep jobs no message drives."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+import redis
+from celery import Task, shared_task
+from sqlalchemy.exc import OperationalError
+
+from gateway_core.backoff import backoff_seconds
+from gateway_core.jobs import claimable, failed_replicas, jobs_to_resend, lease_until, mark_enqueued, transition
+from gateway_core.models import Job, utcnow
+from gateway_core.states import IN_FLIGHT, JobState
+from gateway_tasks.balancer import pick_replica
+from gateway_tasks.celery_app import WorkerContext
+from gateway_tasks.publish import DISPATCH_TASK, publish_dispatch
+from gateway_tasks.replicas import ReplicaError, build_payload, call_replica
+
+log = logging.getLogger(__name__)
+S = JobState
+
+
+def _ctx(task: Task) -> WorkerContext:
+    return task.app.jobgate  # type: ignore[attr-defined,no-any-return]
+
+
+@shared_task(
+    bind=True,
+    name=DISPATCH_TASK,
+    # Only infrastructure blips are retried by Celery; replica failures are the job's own attempts.
+    autoretry_for=(OperationalError, redis.ConnectionError),
+    retry_backoff=True,
+    retry_backoff_max=20,
+    max_retries=8,
+)
+def dispatch_job(self: Task, job_id: str) -> str:
+    """Claim the job, call one replica, and record the outcome; a message for a job that moved on does nothing."""
+    ctx = _ctx(self)
+    settings = ctx.settings
+    now = utcnow()
+    with ctx.db.transaction() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            log.warning("dispatch of unknown job %s ignored", job_id)
+            return "missing"
+        if not claimable(job, now):
+            return f"skipped:{job.state}"
+        svc = settings.services.get(job.service)
+        reclaimed = job.state in IN_FLIGHT
+        if svc is None:
+            transition(s, job, S.FAILED, values=_error("SERVICE_REMOVED", f"service {job.service} is not configured"))
+            return "failed"
+        if job.attempts >= svc.max_attempts:  # its last worker died mid-attempt
+            transition(s, job, S.FAILED, detail={"outcome": "worker_lost"},
+                       values=_error("WORKER_LOST", f"worker lost during attempt {job.attempts} of {svc.max_attempts}"))
+            return "failed"
+        replica = pick_replica(ctx.redis, job.service, svc.replicas, failed_replicas(job))
+        attempt = job.attempts + 1
+        claimed = transition(
+            s, job, S.DISPATCHED, replica=replica.name, attempt=attempt,
+            detail={"reclaimed": True} if reclaimed else None, now=now,
+            values={
+                "lease_expires_at": lease_until(now, replica.timeout + settings.gateway.lease_margin_seconds),
+                "dispatched_at": job.dispatched_at or now,
+            },
+        )
+        if claimed is None:
+            return "lost-race"
+
+    with ctx.db.transaction() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.state != S.DISPATCHED or job.attempts != attempt:
+            return "superseded"
+        job = transition(s, job, S.PROCESSING, values={"started_at": job.started_at or utcnow()})
+        if job is None:
+            return "superseded"
+        payload = build_payload(job, svc.kind)
+
+    outcome: dict[str, Any] | ReplicaError
+    try:
+        outcome = call_replica(ctx.http, replica, payload)
+    except ReplicaError as err:
+        outcome = err
+
+    retry_in: float | None = None
+    with ctx.db.transaction() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.state != S.PROCESSING or job.attempts != attempt:
+            return "superseded"  # the lease ran out and another worker took the job over
+        if isinstance(outcome, dict):
+            transition(s, job, S.SUCCEEDED, detail={"outcome": "succeeded"},
+                       values={"result": {"output": outcome["output"], "usage": outcome.get("usage") or {}}})
+            return "succeeded"
+        detail = {"outcome": "replica_error", "code": outcome.code, "message": outcome.message,
+                  "status": outcome.status}
+        if not outcome.retriable:
+            transition(s, job, S.FAILED, detail=detail, values=_error(outcome.code, outcome.message))
+            return "failed"
+        if attempt >= svc.max_attempts:
+            transition(s, job, S.FAILED, detail=detail, values=_error(
+                "ALL_ATTEMPTS_FAILED", f"{attempt} attempts failed; last: {outcome.code}: {outcome.message}"))
+            return "failed"
+        retry_in = backoff_seconds(attempt, svc.backoff_base_seconds, svc.backoff_max_seconds)
+        detail["retry_in_seconds"] = round(retry_in, 3)
+        transition(s, job, S.QUEUED, detail=detail, values={"lease_expires_at": None, "enqueued_at": None})
+
+    # After the commit: a crash before this line leaves enqueued_at NULL and the sweeper re-sends it.
+    if publish_dispatch(self.app, job_id, settings.queue_for(job.service), countdown=retry_in):
+        with ctx.db.transaction() as s:
+            mark_enqueued(s, job_id)
+    return "retrying"
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"error_code": code, "error_message": message, "lease_expires_at": None}
+
+
+@shared_task(bind=True, name="jobgate.sweep_jobs", ignore_result=True)
+def sweep_jobs(self: Task) -> int:
+    """Re-send jobs committed but never published, and in-flight jobs whose worker's lease ran out."""
+    ctx = _ctx(self)
+    gw = ctx.settings.gateway
+    now = utcnow()
+    with ctx.db.transaction() as s:
+        due = [
+            (job.id, job.service)
+            for job in jobs_to_resend(
+                s,
+                unsent_before=now - timedelta(seconds=gw.sweep_unsent_after_seconds),
+                resent_before=now - timedelta(seconds=gw.visibility_timeout_seconds),
+                now=now,
+            )
+        ]
+    sent = 0
+    for job_id, service in due:
+        if service not in ctx.settings.services:
+            continue  # dispatch_job fails such a job; here we only need some queue to carry it
+        if publish_dispatch(self.app, job_id, ctx.settings.queue_for(service)):
+            with ctx.db.transaction() as s:
+                mark_enqueued(s, job_id)
+            sent += 1
+    if sent:
+        log.info("sweeper re-sent %d job(s)", sent)
+    return sent

@@ -1,0 +1,67 @@
+"""The Flask app factory."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import redis
+from flask import Response, g, jsonify, redirect, request
+from flask_openapi3 import Info
+
+from gateway_core.db import Database
+from gateway_core.settings import Settings, load_settings
+from gateway_tasks.celery_app import create_celery
+from gateway_web import health, jobs
+from gateway_web.auth import SECURITY_SCHEMES
+from gateway_web.context import WebContext
+from gateway_web.errors import register_error_handlers, validation_error_response
+from gateway_web.openapi import JobgateOpenAPI
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def create_app(settings: Settings | None = None) -> JobgateOpenAPI:
+    """Build the gateway app; settings default to gateway.yaml (JOBGATE_CONFIG) plus the environment."""
+    settings = settings or load_settings()
+    app = JobgateOpenAPI(
+        __name__,
+        info=Info(title="jobgate", version="0.1.0", description="HTTP gateway for AI inference jobs"),
+        security_schemes=SECURITY_SCHEMES,  # type: ignore[arg-type]
+        doc_prefix="/docs",
+        doc_url="/openapi.json",
+        validation_error_status=422,
+        validation_error_callback=validation_error_response,
+    )
+    app.config["MAX_CONTENT_LENGTH"] = settings.gateway.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["jobgate"] = WebContext(
+        settings=settings,
+        db=Database(settings.database_url),
+        celery=create_celery(settings),
+        redis=redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2),
+    )
+
+    @app.before_request
+    def _request_id() -> None:
+        given = request.headers.get("X-Request-ID", "")
+        g.request_id = given if REQUEST_ID.match(given) else f"req-{uuid.uuid4().hex}"
+
+    @app.after_request
+    def _echo_request_id(resp: Response) -> Response:
+        resp.headers["X-Request-ID"] = g.get("request_id", "")
+        return resp
+
+    app.register_api(health.bp)
+    app.register_api(jobs.make_blueprint(app))
+
+    @app.get("/openapi.json", doc_ui=False)
+    def openapi_json() -> Response:
+        return jsonify(app.api_doc)
+
+    @app.get("/docs", doc_ui=False)
+    def docs() -> Response:
+        return redirect("/docs/swagger", code=302)  # type: ignore[return-value]
+
+    register_error_handlers(app)
+    return app

@@ -1,0 +1,1 @@
+"""The jobgate command line: run the stack, manage tenants and keys, serve reference replicas."""

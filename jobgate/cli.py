@@ -1,0 +1,113 @@
+"""``jobgate`` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from gateway_core.db import Database
+from gateway_core.errors import ConfigError, GatewayError
+from gateway_core.settings import Settings, load_settings
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+def main() -> None:
+    """jobgate: an HTTP gateway for AI inference jobs."""
+
+
+@main.group()
+def db() -> None:
+    """Database schema (Alembic)."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Migrate the database of gateway.yaml / DATABASE_URL to the given revision."""
+    from gateway_core.migrate import upgrade
+
+    upgrade(_settings().database_url, revision)
+    click.echo(f"database at {revision}")
+
+
+@main.group()
+def tenants() -> None:
+    """Tenants."""
+
+
+@tenants.command("create")
+@click.argument("name")
+@click.option("--tier", type=click.Choice(["free", "pro", "enterprise"]), default="free", show_default=True)
+def tenants_create(name: str, tier: str) -> None:
+    """Create a tenant."""
+    from gateway_core.tenants import create_tenant
+
+    try:
+        with Database(_settings().database_url).transaction() as s:
+            tenant = create_tenant(s, name, tier)
+            click.echo(f"tenant {tenant.name} (id {tenant.id}, tier {tenant.tier}) created")
+    except GatewayError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+@main.group()
+def keys() -> None:
+    """API keys."""
+
+
+@keys.command("create")
+@click.option("--tenant", "tenant_name", required=True)
+def keys_create(tenant_name: str) -> None:
+    """Create an API key for a tenant and print it (it is stored only as a hash)."""
+    from gateway_core.tenants import create_api_key, tenant_by_name
+
+    try:
+        with Database(_settings().database_url).transaction() as s:
+            key = create_api_key(s, tenant_by_name(s, tenant_name))
+    except GatewayError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(key)
+
+
+@main.command()
+@click.option("--service", required=True, help="transcribe or codegen: which output to simulate")
+@click.option("--name", default=None, help="replica name (default: <service>-<port>)")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=0, show_default=True, help="0 picks a free port")
+@click.option("--latency-ms", type=click.IntRange(0, 600_000), default=0, show_default=True)
+@click.option("--fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True)
+def replica(service: str, name: str | None, host: str, port: int, latency_ms: int, fail_rate: float) -> None:
+    """Run a reference replica speaking the replica protocol (simulated output, no model)."""
+    from jobgate.replica import serve_replica
+
+    serve_replica(service, name or f"{service}-{port}", host, port, latency_ms, fail_rate)
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".jobgate"),
+              show_default=True)
+@click.option("--port", type=int, default=8080, show_default=True, help="API port")
+@click.option("--flower-port", type=int, default=5555, show_default=True)
+@click.option("--redis-port", type=int, default=6390, show_default=True, help="embedded Redis port")
+@click.option("--no-replicas", is_flag=True, help="do not start reference replicas for local replica URLs")
+def up(data_dir: Path, port: int, flower_port: int, redis_port: int, no_replicas: bool) -> None:
+    """Run everything: Redis (embedded unless REDIS_URL), web, workers, beat, Flower, reference replicas."""
+    from jobgate.up import run_stack
+
+    try:
+        sys.exit(run_stack(data_dir, port, flower_port, redis_port, with_replicas=not no_replicas))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+if __name__ == "__main__":
+    main()
