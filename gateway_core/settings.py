@@ -108,7 +108,9 @@ class Settings(_Strict):
 
 
 def _describe(err: Mapping[str, Any]) -> str:
-    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    key = ".".join(str(p) for p in err["loc"])
+    if not key:  # a rule across keys: its message names them
+        return str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         return f"{key}: unknown key"
     return f"{key}: {err['msg']} (got {err.get('input')!r})"

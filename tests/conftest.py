@@ -1,0 +1,205 @@
+"""Fixtures on the real parts: PostgreSQL, Redis, a Celery worker (with beat) and reference replicas.
+
+PostgreSQL 127.0.0.1:5432, Redis 127.0.0.1:6379 (databases 13 for the broker, 14 for gateway state);
+override with JOBGATE_TEST_PG / JOBGATE_TEST_REDIS. Every process started here is stopped here.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import pytest
+import redis
+import yaml
+
+from gateway_core.db import Database
+from gateway_core.migrate import upgrade
+from gateway_core.models import Job
+from gateway_core.settings import Settings, load_settings
+from gateway_core.states import TERMINAL
+from gateway_core.tenants import create_api_key, create_tenant
+from gateway_web import create_app
+from tests.procs import BIN, Proc, start_replica
+
+PG = os.environ.get("JOBGATE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
+REDIS = os.environ.get("JOBGATE_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+def _admin_pg() -> Any:
+    conn = psycopg2.connect(PG.replace("postgresql+psycopg2", "postgresql") + "/postgres")
+    conn.autocommit = True
+    return conn
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A fresh PostgreSQL database migrated to head by Alembic, dropped at the end."""
+    name = f"jobgate_test_{uuid.uuid4().hex[:8]}"
+    admin = _admin_pg()
+    admin.cursor().execute(f'CREATE DATABASE "{name}"')
+    url = f"{PG}/{name}"
+    upgrade(url)
+    yield url
+    admin.cursor().execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+        (name,),
+    )
+    admin.cursor().execute(f'DROP DATABASE IF EXISTS "{name}"')
+    admin.close()
+
+
+@pytest.fixture(scope="session")
+def redis_urls() -> dict[str, str]:
+    urls = {"redis": f"{REDIS}/14", "broker": f"{REDIS}/13"}
+    for url in urls.values():
+        redis.Redis.from_url(url).flushdb()
+    return urls
+
+
+@pytest.fixture(scope="session")
+def tmp_session(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("jobgate")
+
+
+@pytest.fixture(scope="session")
+def replicas(tmp_session: Path) -> Iterator[dict[str, str]]:
+    """Reference replicas by name: healthy ones, ones that always fail, a slow one."""
+    specs = {
+        "transcribe-a": ("transcribe", {}),
+        "transcribe-b": ("transcribe", {}),
+        "codegen-a": ("codegen", {}),
+        "codegen-b": ("codegen", {}),
+        "flaky": ("codegen", {"fail_rate": 1.0}),
+        "down-1": ("codegen", {"fail_rate": 1.0}),
+        "down-2": ("codegen", {"fail_rate": 1.0}),
+        "slow": ("codegen", {"latency_ms": 1500}),
+    }
+    procs: list[Proc] = []
+    urls: dict[str, str] = {}
+    try:
+        for name, (service, opts) in specs.items():
+            proc, url = start_replica(tmp_session, service, name, **opts)
+            procs.append(proc)
+            urls[name] = url
+        yield urls
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def _replica(name: str, url: str, timeout: float = 10) -> dict[str, Any]:
+    return {"name": name, "url": url, "timeout": timeout}
+
+
+@pytest.fixture(scope="session")
+def config_file(tmp_session: Path, replicas: dict[str, str], database_url: str,
+                redis_urls: dict[str, str]) -> Path:
+    fast = {"max_attempts": 3, "backoff_base_seconds": 0.2, "backoff_max_seconds": 0.5}
+    config = {
+        "database_url": database_url,
+        "redis_url": redis_urls["redis"],
+        "broker_url": redis_urls["broker"],
+        "gateway": {
+            "max_body_bytes": 256 * 1024,
+            "allow_private_audio_urls": True,
+            "visibility_timeout_seconds": 10,
+            "sweep_interval_seconds": 1,
+            "sweep_unsent_after_seconds": 1,
+            "lease_margin_seconds": 3,
+        },
+        "services": {
+            "transcribe": {"kind": "transcribe", **fast, "replicas": [
+                _replica("transcribe-a", replicas["transcribe-a"]), _replica("transcribe-b", replicas["transcribe-b"])]},
+            "codegen": {"kind": "codegen", **fast, "replicas": [
+                _replica("codegen-a", replicas["codegen-a"]), _replica("codegen-b", replicas["codegen-b"])]},
+            "codegen-flaky": {"kind": "codegen", **fast, "replicas": [
+                _replica("flaky", replicas["flaky"]), _replica("codegen-b", replicas["codegen-b"])]},
+            "codegen-down": {"kind": "codegen", **fast, "replicas": [
+                _replica("down-1", replicas["down-1"]), _replica("down-2", replicas["down-2"])]},
+            "codegen-slow": {"kind": "codegen", **fast, "replicas": [_replica("slow", replicas["slow"])]},
+            "codegen-off": {"kind": "codegen", "enabled": False, **fast, "replicas": [
+                _replica("codegen-a", replicas["codegen-a"])]},
+        },
+    }
+    path = tmp_session / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def settings(config_file: Path) -> Settings:
+    return load_settings(config_file, environ={})
+
+
+@pytest.fixture(scope="session")
+def worker_env(config_file: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL")}
+    env["JOBGATE_CONFIG"] = str(config_file)
+    return env
+
+
+@pytest.fixture(scope="session")
+def worker(settings: Settings, worker_env: dict[str, str], tmp_session: Path) -> Iterator[Proc]:
+    """A real Celery worker (prefork) consuming every queue, with beat embedded for the sweeper."""
+    queues = ",".join([*settings.queues, "jobgate.maintenance"])
+    proc = Proc([str(BIN / "celery"), "-A", "gateway_tasks.worker", "worker", "-Q", queues, "-c", "4",
+                 "-B", "-s", str(tmp_session / "beat-schedule"), "--loglevel", "INFO",
+                 "--without-mingle", "--without-gossip", "-n", f"test-{uuid.uuid4().hex[:6]}@%h"],
+                tmp_session / "worker.log", env=worker_env)
+    try:
+        proc.wait_for(lambda o: " ready." in o, 60, "celery worker")
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def app(settings: Settings) -> Any:
+    return create_app(settings)
+
+
+@pytest.fixture()
+def client(app: Any) -> Any:
+    return app.test_client()
+
+
+@pytest.fixture(scope="session")
+def db(settings: Settings) -> Iterator[Database]:
+    database = Database(settings.database_url)
+    yield database
+    database.dispose()
+
+
+class TenantKey:
+    def __init__(self, tenant_id: int, key: str):
+        self.tenant_id = tenant_id
+        self.key = key
+        self.headers = {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture()
+def tenant(db: Database) -> TenantKey:
+    """A tenant of its own per test: tests see only their own jobs, as tenants do."""
+    with db.transaction() as s:
+        t = create_tenant(s, f"t-{uuid.uuid4().hex[:10]}", "pro")
+        return TenantKey(t.id, create_api_key(s, t))
+
+
+def wait_terminal(db: Database, job_id: str, timeout: float = 20) -> Job:
+    """Poll the job row until it reaches a terminal state."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with db.transaction() as s:
+            job = s.get(Job, job_id)
+            if job is not None and job.state in TERMINAL:
+                s.refresh(job, ["events"])
+                return job
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} still {job.state if job else 'missing'} after {timeout} s")
+        time.sleep(0.1)

@@ -1,0 +1,55 @@
+"""gateway.yaml: a bad file fails at start naming the bad key and value; the environment overrides it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway_core.errors import ConfigError
+from gateway_core.settings import load_settings
+
+GOOD = """
+services:
+  codegen:
+    kind: codegen
+    replicas: [{name: a, url: "http://127.0.0.1:9201"}]
+"""
+
+
+def test_repository_gateway_yaml_is_valid() -> None:
+    settings = load_settings(Path(__file__).parents[2] / "gateway.yaml", environ={})
+    assert {"transcribe", "codegen"} <= set(settings.services)
+    assert settings.queue_for("transcribe") == "svc.transcribe"
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "g.yaml"
+    path.write_text(GOOD)
+    s = load_settings(path, environ={"DATABASE_URL": "postgresql://x/y", "CELERY_BROKER_URL": "amqp://h//"})
+    assert s.database_url == "postgresql://x/y" and s.celery_broker_url == "amqp://h//"
+    s2 = load_settings(path, environ={"JOBGATE_CONFIG": "/nonexistent", "REDIS_URL": "redis://r:1/2"})
+    assert s2.celery_broker_url == "redis://r:1/2"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (GOOD.replace("kind: codegen", "kind: telepathy"), ["services.codegen.kind", "'telepathy'"]),
+    (GOOD.replace('"http://127.0.0.1:9201"', '"not a url"'), ["services.codegen.replicas.0.url", "'not a url'"]),
+    (GOOD + "gateway: {max_body_bytes: -5}\n", ["gateway.max_body_bytes", "-5"]),
+    (GOOD + "gateway: {colour: blue}\n", ["gateway.colour: unknown key"]),
+    (GOOD.replace("codegen:", "Bad Name:"), ["services", "'Bad Name'"]),
+    (GOOD + "gateway: {visibility_timeout_seconds: 10}\n", ["backoff_max_seconds=10.0", "visibility_timeout"]),
+    ("services: [1, 2", ["not valid YAML"]),
+])
+def test_bad_config_names_key_and_value(tmp_path: Path, text: str, expected: list[str]) -> None:
+    path = tmp_path / "g.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, environ={})
+    for fragment in expected:
+        assert fragment in str(err.value)
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file .*nope.yaml"):
+        load_settings(tmp_path / "nope.yaml", environ={})

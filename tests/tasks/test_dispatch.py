@@ -1,0 +1,116 @@
+"""The dispatch task against real replicas: failover, final failure, duplicates, the sweeper, dead workers."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+import httpx
+
+from gateway_core.jobs import create_job, transition
+from gateway_core.models import Job, utcnow
+from gateway_core.settings import Settings
+from gateway_core.states import JobState
+from gateway_tasks.celery_app import create_celery
+from gateway_tasks.publish import publish_dispatch
+from tests.conftest import TenantKey, wait_terminal
+
+S = JobState
+
+
+def _submit(client: Any, tenant: TenantKey, service: str, prompt: str = "sort numbers") -> str:
+    resp = client.post(f"/v1/jobs/{service}", headers=tenant.headers, json={"prompt": prompt})
+    assert resp.status_code == 202, resp.json
+    return str(resp.json["id"])
+
+
+def _processed(replica_url: str, job_id: str) -> int:
+    return int(httpx.get(f"{replica_url}/stats").json()["processed"].get(job_id, 0))
+
+
+def test_failing_replica_fails_over_to_a_healthy_one(client: Any, worker: Any, tenant: TenantKey, db: Any) -> None:
+    # Two jobs: round-robin sends at least one first attempt to the replica that always fails.
+    jobs = [wait_terminal(db, _submit(client, tenant, "codegen-flaky")) for _ in range(2)]
+    assert all(j.state == S.SUCCEEDED and j.replica == "codegen-b" for j in jobs)
+    failed_over = [j for j in jobs if j.attempts == 2]
+    assert failed_over, "neither job was tried on the failing replica first"
+    events = [(e.to_state.value, e.replica, (e.detail or {}).get("outcome")) for e in failed_over[0].events]
+    assert events == [
+        ("RECEIVED", None, None), ("QUEUED", None, None),
+        ("DISPATCHED", "flaky", None), ("PROCESSING", "flaky", None), ("QUEUED", "flaky", "replica_error"),
+        ("DISPATCHED", "codegen-b", None), ("PROCESSING", "codegen-b", None), ("SUCCEEDED", "codegen-b", "succeeded"),
+    ]
+    error = failed_over[0].events[4].detail
+    assert error["code"] == "REPLICA_ERROR" and error["status"] == 503 and error["retry_in_seconds"] > 0
+
+
+def test_all_replicas_failing_ends_in_failed_with_every_attempt(client: Any, worker: Any, tenant: TenantKey,
+                                                                db: Any, settings: Settings) -> None:
+    job_id = _submit(client, tenant, "codegen-down")
+    job = wait_terminal(db, job_id)
+    max_attempts = settings.services["codegen-down"].max_attempts
+    assert job.state == S.FAILED and job.attempts == max_attempts
+    assert job.error_code == "ALL_ATTEMPTS_FAILED"
+    failures = [e for e in job.events if (e.detail or {}).get("outcome") == "replica_error"]
+    assert [e.attempt for e in failures] == list(range(1, max_attempts + 1))
+    assert {e.replica for e in failures} == {"down-1", "down-2"}  # failover alternates replicas
+
+    got = client.get(f"/v1/jobs/{job_id}?include=events", headers=tenant.headers).json
+    assert got["status"] == "FAILED" and got["error"]["code"] == "ALL_ATTEMPTS_FAILED" and got["result"] is None
+    assert [e["to_state"] for e in got["events"]][-1] == "FAILED"
+
+
+def test_redelivered_dispatch_messages_do_not_run_a_job_twice(client: Any, worker: Any, tenant: TenantKey, db: Any,
+                                                             settings: Settings, replicas: dict[str, str]) -> None:
+    celery = create_celery(settings)
+    queue = settings.queue_for("codegen-slow")
+    # While the slow replica works on it, the same message arrives twice more.
+    job_id = _submit(client, tenant, "codegen-slow")
+    time.sleep(0.5)
+    assert publish_dispatch(celery, job_id, queue) and publish_dispatch(celery, job_id, queue)
+    job = wait_terminal(db, job_id)
+    assert job.state == S.SUCCEEDED
+    # ... and once more after it finished.
+    assert publish_dispatch(celery, job_id, queue)
+    time.sleep(2.0)
+    job = wait_terminal(db, job_id)
+    assert [e.to_state for e in job.events].count(S.PROCESSING) == 1
+    assert [e.to_state for e in job.events][-1] == S.SUCCEEDED
+    assert _processed(replicas["slow"], job_id) == 1
+
+
+def test_sweeper_sends_a_job_committed_but_never_published(worker: Any, tenant: TenantKey, db: Any) -> None:
+    with db.transaction() as s:  # as if the web process died between commit and publish
+        job_id = create_job(s, tenant_id=tenant.tenant_id, service="codegen", request={"prompt": "x"}).id
+    job = wait_terminal(db, job_id, timeout=30)
+    assert job.state == S.SUCCEEDED and job.enqueued_at is not None
+
+
+def test_job_of_a_dead_worker_is_reclaimed_after_its_lease(worker: Any, tenant: TenantKey, db: Any) -> None:
+    with db.transaction() as s:  # a worker took the job to PROCESSING and died; its lease has run out
+        job = create_job(s, tenant_id=tenant.tenant_id, service="codegen", request={"prompt": "x"})
+        past = utcnow() - timedelta(seconds=1)
+        job = transition(s, job, S.DISPATCHED, replica="codegen-a", attempt=1,
+                         values={"lease_expires_at": past, "enqueued_at": past - timedelta(minutes=5)})
+        job = transition(s, job, S.PROCESSING)
+        job_id = job.id
+    job = wait_terminal(db, job_id, timeout=30)
+    assert job.state == S.SUCCEEDED and job.attempts == 2
+    reclaim = [e for e in job.events if (e.detail or {}).get("reclaimed")]
+    assert len(reclaim) == 1 and reclaim[0].from_state == S.PROCESSING
+
+
+def test_reclaim_with_no_attempts_left_fails_the_job(worker: Any, tenant: TenantKey, db: Any,
+                                                     settings: Settings) -> None:
+    with db.transaction() as s:
+        job = create_job(s, tenant_id=tenant.tenant_id, service="codegen", request={"prompt": "x"})
+        past = utcnow() - timedelta(seconds=1)
+        job = transition(s, job, S.DISPATCHED, replica="codegen-a",
+                         attempt=settings.services["codegen"].max_attempts,
+                         values={"lease_expires_at": past, "enqueued_at": past - timedelta(minutes=5)})
+        job_id = job.id
+    job = wait_terminal(db, job_id, timeout=30)
+    assert job.state == S.FAILED and job.error_code == "WORKER_LOST"
+    with db.transaction() as s:
+        assert s.get(Job, job_id).lease_expires_at is None
