@@ -7,6 +7,7 @@ concurrent worker or a duplicate message moved the job first, nothing matches an
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -33,6 +34,7 @@ def create_job(
     """Record an admitted job in QUEUED, with its RECEIVED and QUEUED events; not yet sent to the broker."""
     now = utcnow()
     job = Job(
+        id=str(uuid.uuid4()),
         tenant_id=tenant_id,
         service=service,
         state=S.QUEUED,
@@ -44,7 +46,6 @@ def create_job(
         updated_at=now,
     )
     session.add(job)
-    session.flush()
     session.add(JobEvent(job_id=job.id, at=now, from_state=None, to_state=S.RECEIVED))
     session.add(JobEvent(job_id=job.id, at=now, from_state=S.RECEIVED, to_state=S.QUEUED))
     session.flush()
@@ -153,8 +154,4 @@ def jobs_to_resend(
 
 def failed_replicas(job: Job) -> set[str]:
     """Replicas whose attempt at this job failed, so failover can prefer the others."""
-    return {
-        ev.replica
-        for ev in job.events
-        if ev.replica and ev.detail and ev.detail.get("outcome") == "replica_error"
-    }
+    return {ev.replica for ev in job.events if ev.replica and ev.detail and ev.detail.get("outcome") == "replica_error"}

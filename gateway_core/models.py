@@ -6,8 +6,20 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Enum, Float, ForeignKey, Index, Integer, LargeBinary, String
-from sqlalchemy import Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column, relationship
 
@@ -41,7 +53,11 @@ class Base(DeclarativeBase):
 
 def _state_enum() -> Enum:
     return Enum(
-        JobState, name="job_state", native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]
+        JobState,
+        name="job_state",
+        native_enum=False,
+        length=16,
+        values_callable=lambda e: [m.value for m in e],
     )
 
 

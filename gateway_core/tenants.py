@@ -47,11 +47,11 @@ def create_api_key(session: Session, tenant: Tenant) -> str:
     return key
 
 
-def authenticate_key(session: Session, key: str | None) -> Tenant:
-    """The tenant owning a live API key; AuthenticationError when it is missing, unknown or revoked."""
+def authenticate_key(session: Session, key: str | None) -> int:
+    """The id of the tenant owning a live API key; AuthenticationError when it is missing, unknown or revoked."""
     if not key:
         raise AuthenticationError("missing API key: send Authorization: Bearer <key>")
-    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+    row = session.execute(select(ApiKey.tenant_id, ApiKey.revoked_at).where(ApiKey.key_hash == hash_key(key))).first()
     if row is None or row.revoked_at is not None:
         raise AuthenticationError("invalid API key")
-    return row.tenant
+    return int(row.tenant_id)

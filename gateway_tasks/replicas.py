@@ -58,6 +58,10 @@ def call_replica(http: httpx.Client, replica: ReplicaConfig, payload: dict[str, 
     except ValueError:
         body = None
     if not isinstance(body, dict) or not isinstance(body.get("output"), dict):
-        raise ReplicaError("REPLICA_BAD_RESPONSE", "answer has no JSON 'output' object", retriable=True,
-                           status=resp.status_code)
+        raise ReplicaError(
+            "REPLICA_BAD_RESPONSE",
+            "answer has no JSON 'output' object",
+            retriable=True,
+            status=resp.status_code,
+        )
     return body

@@ -11,7 +11,14 @@ from celery import Task, shared_task
 from sqlalchemy.exc import OperationalError
 
 from gateway_core.backoff import backoff_seconds
-from gateway_core.jobs import claimable, failed_replicas, jobs_to_resend, lease_until, mark_enqueued, transition
+from gateway_core.jobs import (
+    claimable,
+    failed_replicas,
+    jobs_to_resend,
+    lease_until,
+    mark_enqueued,
+    transition,
+)
 from gateway_core.models import Job, utcnow
 from gateway_core.states import IN_FLIGHT, JobState
 from gateway_tasks.balancer import pick_replica
@@ -54,14 +61,24 @@ def dispatch_job(self: Task, job_id: str) -> str:
             transition(s, job, S.FAILED, values=_error("SERVICE_REMOVED", f"service {job.service} is not configured"))
             return "failed"
         if job.attempts >= svc.max_attempts:  # its last worker died mid-attempt
-            transition(s, job, S.FAILED, detail={"outcome": "worker_lost"},
-                       values=_error("WORKER_LOST", f"worker lost during attempt {job.attempts} of {svc.max_attempts}"))
+            transition(
+                s,
+                job,
+                S.FAILED,
+                detail={"outcome": "worker_lost"},
+                values=_error("WORKER_LOST", f"worker lost during attempt {job.attempts} of {svc.max_attempts}"),
+            )
             return "failed"
         replica = pick_replica(ctx.redis, job.service, svc.replicas, failed_replicas(job))
         attempt = job.attempts + 1
         claimed = transition(
-            s, job, S.DISPATCHED, replica=replica.name, attempt=attempt,
-            detail={"reclaimed": True} if reclaimed else None, now=now,
+            s,
+            job,
+            S.DISPATCHED,
+            replica=replica.name,
+            attempt=attempt,
+            detail={"reclaimed": True} if reclaimed else None,
+            now=now,
             values={
                 "lease_expires_at": lease_until(now, replica.timeout + settings.gateway.lease_margin_seconds),
                 "dispatched_at": job.dispatched_at or now,
@@ -91,17 +108,34 @@ def dispatch_job(self: Task, job_id: str) -> str:
         if job is None or job.state != S.PROCESSING or job.attempts != attempt:
             return "superseded"  # the lease ran out and another worker took the job over
         if isinstance(outcome, dict):
-            transition(s, job, S.SUCCEEDED, detail={"outcome": "succeeded"},
-                       values={"result": {"output": outcome["output"], "usage": outcome.get("usage") or {}}})
+            transition(
+                s,
+                job,
+                S.SUCCEEDED,
+                detail={"outcome": "succeeded"},
+                values={"result": {"output": outcome["output"], "usage": outcome.get("usage") or {}}},
+            )
             return "succeeded"
-        detail = {"outcome": "replica_error", "code": outcome.code, "message": outcome.message,
-                  "status": outcome.status}
+        detail = {
+            "outcome": "replica_error",
+            "code": outcome.code,
+            "message": outcome.message,
+            "status": outcome.status,
+        }
         if not outcome.retriable:
             transition(s, job, S.FAILED, detail=detail, values=_error(outcome.code, outcome.message))
             return "failed"
         if attempt >= svc.max_attempts:
-            transition(s, job, S.FAILED, detail=detail, values=_error(
-                "ALL_ATTEMPTS_FAILED", f"{attempt} attempts failed; last: {outcome.code}: {outcome.message}"))
+            transition(
+                s,
+                job,
+                S.FAILED,
+                detail=detail,
+                values=_error(
+                    "ALL_ATTEMPTS_FAILED",
+                    f"{attempt} attempts failed; last: {outcome.code}: {outcome.message}",
+                ),
+            )
             return "failed"
         retry_in = backoff_seconds(attempt, svc.backoff_base_seconds, svc.backoff_max_seconds)
         detail["retry_in_seconds"] = round(retry_in, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flask import g, request
+from sqlalchemy.orm import Session
 
 from gateway_core.tenants import authenticate_key
 from gateway_web.context import ctx
@@ -17,9 +18,13 @@ def bearer_token() -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
-def current_tenant_id() -> int:
-    """The tenant behind the request's API key; raises AuthenticationError (401) otherwise."""
+def current_tenant_id(session: Session | None = None) -> int:
+    """The tenant behind the request's API key, checked once per request, in ``session`` when given
+    (so a submit authenticates and records its job in one transaction); AuthenticationError (401) otherwise."""
     if "tenant_id" not in g:
-        with ctx().db.transaction() as s:
-            g.tenant_id = authenticate_key(s, bearer_token()).id
+        if session is not None:
+            g.tenant_id = authenticate_key(session, bearer_token())
+        else:
+            with ctx().db.transaction() as s:
+                g.tenant_id = authenticate_key(s, bearer_token())
     return int(g.tenant_id)

@@ -38,8 +38,10 @@ def ready() -> Response:
     c = ctx()
     checks = {"database": _check(c.db.ping), "redis": _check(c.redis.ping), "broker": _check(_broker)}
     down = {name: err for name, err in checks.items() if err}
-    body = {"status": "ready" if not down else "unavailable",
-            "checks": {name: ("down: " + err if err else "ok") for name, err in checks.items()}}
+    body = {
+        "status": "ready" if not down else "unavailable",
+        "checks": {name: ("down: " + err if err else "ok") for name, err in checks.items()},
+    }
     if down:
         return error_response(503, "NOT_READY", f"not ready: {', '.join(down)} down", body)
     return jsonify(body)

@@ -22,7 +22,11 @@ from gateway_web.submission import JSON, MULTIPART, Submission, parse_submission
 TAG = Tag(name="jobs", description="Submit inference jobs and read their state and result")
 ERRORS: dict[int, Any] = {401: ErrorEnvelope, 404: ErrorEnvelope}
 SUBMIT_ERRORS: dict[int, Any] = {
-    **ERRORS, 400: ErrorEnvelope, 413: ErrorEnvelope, 415: ErrorEnvelope, 503: ErrorEnvelope,
+    **ERRORS,
+    400: ErrorEnvelope,
+    413: ErrorEnvelope,
+    415: ErrorEnvelope,
+    503: ErrorEnvelope,
 }
 
 
@@ -34,25 +38,33 @@ def submit(service: str) -> tuple[Response, int, dict[str, str]]:
         raise ServiceDisabledError(f"service {service} is disabled", details={"service": service})
     gw = c.settings.gateway
     sub = parse_submission(KINDS[svc.kind], gw.max_body_bytes)
-    tenant_id = current_tenant_id()
-    if sub.audio_url:
+    if sub.audio_url:  # authenticate before fetching anything on a client's behalf
+        current_tenant_id()
         _fetch(sub, gw.max_body_bytes, gw.audio_fetch_timeout_seconds, gw.allow_private_audio_urls)
     with c.db.transaction() as s:
-        job = create_job(s, tenant_id=tenant_id, service=service, request=sub.request, input_data=sub.audio,
-                         input_content_type=sub.audio_content_type, audio_seconds=sub.audio_seconds)
+        tenant_id = current_tenant_id(s)
+        job = create_job(
+            s,
+            tenant_id=tenant_id,
+            service=service,
+            request=sub.request,
+            input_data=sub.audio,
+            input_content_type=sub.audio_content_type,
+            audio_seconds=sub.audio_seconds,
+        )
     # Sent only after the commit; if the broker is away the sweeper sends it later (enqueued_at stays NULL).
     if publish_dispatch(c.celery, job.id, c.settings.queue_for(service)):
         with c.db.transaction() as s:
             mark_enqueued(s, job.id)
-    body = JobAccepted(id=job.id, status=job.state, service=service, created_at=job.created_at,
-                       links=job_link(job.id))
+    body = JobAccepted(id=job.id, status=job.state, service=service, created_at=job.created_at, links=job_link(job.id))
     return jsonify(body.model_dump(mode="json")), 202, {"Location": body.links.self}
 
 
 def _fetch(sub: Submission, max_bytes: int, timeout: float, allow_private: bool) -> None:
     assert sub.audio_url
-    sub.audio, sub.audio_content_type = fetch_audio(sub.audio_url, max_bytes=max_bytes, timeout=timeout,
-                                                    allow_private=allow_private)
+    sub.audio, sub.audio_content_type = fetch_audio(
+        sub.audio_url, max_bytes=max_bytes, timeout=timeout, allow_private=allow_private
+    )
     sub.audio_seconds = measure_seconds(sub.audio)
 
 
@@ -69,8 +81,7 @@ def make_blueprint(app: JobgateOpenAPI) -> APIBlueprint:
 
         view.__name__ = f"submit_{name.replace('-', '_')}"
         view.__doc__ = f"Submit a {kind.name} job to {name}."
-        bp.post(f"/jobs/{name}", responses={202: JobAccepted, **SUBMIT_ERRORS},
-                operation_id=f"submit_{name}")(view)
+        bp.post(f"/jobs/{name}", responses={202: JobAccepted, **SUBMIT_ERRORS}, operation_id=f"submit_{name}")(view)
         bodies: dict[str, Any] = {JSON: kind.json_model}
         if kind.takes_audio:
             bodies[MULTIPART] = TranscribeUpload
@@ -97,4 +108,3 @@ def make_blueprint(app: JobgateOpenAPI) -> APIBlueprint:
         return jsonify(out)
 
     return bp
-

@@ -104,8 +104,14 @@ def job_out(job: Job, *, with_events: bool) -> JobOut:
         else None,
         links=job_link(job.id),
         events=[
-            JobEventOut(at=e.at, from_state=e.from_state, to_state=e.to_state, replica=e.replica,
-                        attempt=e.attempt, detail=e.detail)
+            JobEventOut(
+                at=e.at,
+                from_state=e.from_state,
+                to_state=e.to_state,
+                replica=e.replica,
+                attempt=e.attempt,
+                detail=e.detail,
+            )
             for e in job.events
         ]
         if with_events

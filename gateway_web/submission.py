@@ -10,8 +10,12 @@ from werkzeug.exceptions import BadRequest
 
 from gateway_core.audio import measure_seconds
 from gateway_core.catalog import ServiceKind, TranscribeOptions
-from gateway_core.errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
-from gateway_core.errors import ValidationFailedError
+from gateway_core.errors import (
+    InvalidRequestError,
+    PayloadTooLargeError,
+    UnsupportedMediaTypeError,
+    ValidationFailedError,
+)
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
@@ -57,8 +61,7 @@ def _parse_upload() -> Submission:
     upload = request.files.get("file")
     options = TranscribeOptions.model_validate(dict(request.form.items()))
     if upload is None:
-        raise _invalid([{"field": "file", "message": "an audio file part named 'file' is required",
-                         "type": "missing"}])
+        raise _invalid([{"field": "file", "message": "an audio file part named 'file' is required", "type": "missing"}])
     data = upload.read()
     seconds = measure_seconds(data)
     body = options.model_dump(mode="json", exclude_none=True)

@@ -93,8 +93,12 @@ def replica(service: str, name: str | None, host: str, port: int, latency_ms: in
 
 
 @main.command()
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".jobgate"),
-              show_default=True)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".jobgate"),
+    show_default=True,
+)
 @click.option("--port", type=int, default=8080, show_default=True, help="API port")
 @click.option("--flower-port", type=int, default=5555, show_default=True)
 @click.option("--redis-port", type=int, default=6390, show_default=True, help="embedded Redis port")

@@ -22,8 +22,9 @@ from gateway_core.audio import measure_seconds
 from gateway_core.errors import ValidationFailedError
 
 
-def create_replica_app(service: str, name: str, latency_ms: int = 0, fail_rate: float = 0.0,
-                       seed: int | None = None) -> Flask:
+def create_replica_app(
+    service: str, name: str, latency_ms: int = 0, fail_rate: float = 0.0, seed: int | None = None
+) -> Flask:
     app = Flask(f"replica-{name}")
     lock = threading.Lock()
     processed: Counter[str] = Counter()
@@ -82,14 +83,18 @@ def _simulate(body: dict[str, Any]) -> dict[str, Any] | tuple[int, str, str]:
         except ValidationFailedError as exc:
             return 422, "BAD_AUDIO", exc.message
         text = f"[simulated transcript of {seconds:.2f} s of audio]"
-        return {"output": {"text": text, "language": params.get("language", "en"), "duration_seconds": seconds},
-                "usage": {"audio_seconds": seconds}}
+        return {
+            "output": {"text": text, "language": params.get("language", "en"), "duration_seconds": seconds},
+            "usage": {"audio_seconds": seconds},
+        }
     if body.get("kind") == "codegen":
         prompt = str(params.get("prompt", ""))
         language = params.get("language", "python")
         code = f"# simulated {language} code for the prompt:\n# {prompt[:200]}\n"
-        return {"output": {"language": language, "code": code},
-                "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(code.split())}}
+        return {
+            "output": {"language": language, "code": code},
+            "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(code.split())},
+        }
     return 400, "UNKNOWN_KIND", f"this replica cannot do kind {body.get('kind')!r}"
 
 

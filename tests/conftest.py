@@ -98,8 +98,7 @@ def _replica(name: str, url: str, timeout: float = 10) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def config_file(tmp_session: Path, replicas: dict[str, str], database_url: str,
-                redis_urls: dict[str, str]) -> Path:
+def config_file(tmp_session: Path, replicas: dict[str, str], database_url: str, redis_urls: dict[str, str]) -> Path:
     fast = {"max_attempts": 3, "backoff_base_seconds": 0.2, "backoff_max_seconds": 0.5}
     config = {
         "database_url": database_url,
@@ -114,17 +113,42 @@ def config_file(tmp_session: Path, replicas: dict[str, str], database_url: str,
             "lease_margin_seconds": 3,
         },
         "services": {
-            "transcribe": {"kind": "transcribe", **fast, "replicas": [
-                _replica("transcribe-a", replicas["transcribe-a"]), _replica("transcribe-b", replicas["transcribe-b"])]},
-            "codegen": {"kind": "codegen", **fast, "replicas": [
-                _replica("codegen-a", replicas["codegen-a"]), _replica("codegen-b", replicas["codegen-b"])]},
-            "codegen-flaky": {"kind": "codegen", **fast, "replicas": [
-                _replica("flaky", replicas["flaky"]), _replica("codegen-b", replicas["codegen-b"])]},
-            "codegen-down": {"kind": "codegen", **fast, "replicas": [
-                _replica("down-1", replicas["down-1"]), _replica("down-2", replicas["down-2"])]},
+            "transcribe": {
+                "kind": "transcribe",
+                **fast,
+                "replicas": [
+                    _replica("transcribe-a", replicas["transcribe-a"]),
+                    _replica("transcribe-b", replicas["transcribe-b"]),
+                ],
+            },
+            "codegen": {
+                "kind": "codegen",
+                **fast,
+                "replicas": [
+                    _replica("codegen-a", replicas["codegen-a"]),
+                    _replica("codegen-b", replicas["codegen-b"]),
+                ],
+            },
+            "codegen-flaky": {
+                "kind": "codegen",
+                **fast,
+                "replicas": [
+                    _replica("flaky", replicas["flaky"]),
+                    _replica("codegen-b", replicas["codegen-b"]),
+                ],
+            },
+            "codegen-down": {
+                "kind": "codegen",
+                **fast,
+                "replicas": [_replica("down-1", replicas["down-1"]), _replica("down-2", replicas["down-2"])],
+            },
             "codegen-slow": {"kind": "codegen", **fast, "replicas": [_replica("slow", replicas["slow"])]},
-            "codegen-off": {"kind": "codegen", "enabled": False, **fast, "replicas": [
-                _replica("codegen-a", replicas["codegen-a"])]},
+            "codegen-off": {
+                "kind": "codegen",
+                "enabled": False,
+                **fast,
+                "replicas": [_replica("codegen-a", replicas["codegen-a"])],
+            },
         },
     }
     path = tmp_session / "gateway.yaml"
@@ -148,10 +172,29 @@ def worker_env(config_file: Path) -> dict[str, str]:
 def worker(settings: Settings, worker_env: dict[str, str], tmp_session: Path) -> Iterator[Proc]:
     """A real Celery worker (prefork) consuming every queue, with beat embedded for the sweeper."""
     queues = ",".join([*settings.queues, "jobgate.maintenance"])
-    proc = Proc([str(BIN / "celery"), "-A", "gateway_tasks.worker", "worker", "-Q", queues, "-c", "4",
-                 "-B", "-s", str(tmp_session / "beat-schedule"), "--loglevel", "INFO",
-                 "--without-mingle", "--without-gossip", "-n", f"test-{uuid.uuid4().hex[:6]}@%h"],
-                tmp_session / "worker.log", env=worker_env)
+    proc = Proc(
+        [
+            str(BIN / "celery"),
+            "-A",
+            "gateway_tasks.worker",
+            "worker",
+            "-Q",
+            queues,
+            "-c",
+            "4",
+            "-B",
+            "-s",
+            str(tmp_session / "beat-schedule"),
+            "--loglevel",
+            "INFO",
+            "--without-mingle",
+            "--without-gossip",
+            "-n",
+            f"test-{uuid.uuid4().hex[:6]}@%h",
+        ],
+        tmp_session / "worker.log",
+        env=worker_env,
+    )
     try:
         proc.wait_for(lambda o: " ready." in o, 60, "celery worker")
         yield proc

@@ -26,8 +26,9 @@ class Proc:
     def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None):
         self.log = log
         self._fh = log.open("wb")
-        self.popen = subprocess.Popen(args, stdout=self._fh, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                      start_new_session=True)
+        self.popen = subprocess.Popen(
+            args, stdout=self._fh, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        )
 
     @property
     def pid(self) -> int:
@@ -66,11 +67,27 @@ class Proc:
         return self.popen.returncode
 
 
-def start_replica(tmp: Path, service: str, name: str, *, latency_ms: int = 0, fail_rate: float = 0.0) -> tuple[
-        Proc, str]:
+def start_replica(
+    tmp: Path, service: str, name: str, *, latency_ms: int = 0, fail_rate: float = 0.0
+) -> tuple[Proc, str]:
     """A reference replica on a free port; returns the process and its base URL."""
-    proc = Proc([str(BIN / "jobgate"), "replica", "--service", service, "--name", name, "--port", "0",
-                 "--latency-ms", str(latency_ms), "--fail-rate", str(fail_rate)], tmp / f"replica-{name}.log")
+    proc = Proc(
+        [
+            str(BIN / "jobgate"),
+            "replica",
+            "--service",
+            service,
+            "--name",
+            name,
+            "--port",
+            "0",
+            "--latency-ms",
+            str(latency_ms),
+            "--fail-rate",
+            str(fail_rate),
+        ],
+        tmp / f"replica-{name}.log",
+    )
     out = proc.wait_for(lambda o: "listening on http://" in o, 30, f"replica {name}")
     url = out.split("listening on ", 1)[1].split()[0]
     return proc, url

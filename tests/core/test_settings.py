@@ -32,15 +32,24 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
     assert s2.celery_broker_url == "redis://r:1/2"
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    (GOOD.replace("kind: codegen", "kind: telepathy"), ["services.codegen.kind", "'telepathy'"]),
-    (GOOD.replace('"http://127.0.0.1:9201"', '"not a url"'), ["services.codegen.replicas.0.url", "'not a url'"]),
-    (GOOD + "gateway: {max_body_bytes: -5}\n", ["gateway.max_body_bytes", "-5"]),
-    (GOOD + "gateway: {colour: blue}\n", ["gateway.colour: unknown key"]),
-    (GOOD.replace("codegen:", "Bad Name:"), ["services", "'Bad Name'"]),
-    (GOOD + "gateway: {visibility_timeout_seconds: 10}\n", ["backoff_max_seconds=10.0", "visibility_timeout"]),
-    ("services: [1, 2", ["not valid YAML"]),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (GOOD.replace("kind: codegen", "kind: telepathy"), ["services.codegen.kind", "'telepathy'"]),
+        (
+            GOOD.replace('"http://127.0.0.1:9201"', '"not a url"'),
+            ["services.codegen.replicas.0.url", "'not a url'"],
+        ),
+        (GOOD + "gateway: {max_body_bytes: -5}\n", ["gateway.max_body_bytes", "-5"]),
+        (GOOD + "gateway: {colour: blue}\n", ["gateway.colour: unknown key"]),
+        (GOOD.replace("codegen:", "Bad Name:"), ["services", "'Bad Name'"]),
+        (
+            GOOD + "gateway: {visibility_timeout_seconds: 10}\n",
+            ["backoff_max_seconds=10.0", "visibility_timeout"],
+        ),
+        ("services: [1, 2", ["not valid YAML"]),
+    ],
+)
 def test_bad_config_names_key_and_value(tmp_path: Path, text: str, expected: list[str]) -> None:
     path = tmp_path / "g.yaml"
     path.write_text(text)

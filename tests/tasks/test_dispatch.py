@@ -37,16 +37,22 @@ def test_failing_replica_fails_over_to_a_healthy_one(client: Any, worker: Any, t
     assert failed_over, "neither job was tried on the failing replica first"
     events = [(e.to_state.value, e.replica, (e.detail or {}).get("outcome")) for e in failed_over[0].events]
     assert events == [
-        ("RECEIVED", None, None), ("QUEUED", None, None),
-        ("DISPATCHED", "flaky", None), ("PROCESSING", "flaky", None), ("QUEUED", "flaky", "replica_error"),
-        ("DISPATCHED", "codegen-b", None), ("PROCESSING", "codegen-b", None), ("SUCCEEDED", "codegen-b", "succeeded"),
+        ("RECEIVED", None, None),
+        ("QUEUED", None, None),
+        ("DISPATCHED", "flaky", None),
+        ("PROCESSING", "flaky", None),
+        ("QUEUED", "flaky", "replica_error"),
+        ("DISPATCHED", "codegen-b", None),
+        ("PROCESSING", "codegen-b", None),
+        ("SUCCEEDED", "codegen-b", "succeeded"),
     ]
     error = failed_over[0].events[4].detail
     assert error["code"] == "REPLICA_ERROR" and error["status"] == 503 and error["retry_in_seconds"] > 0
 
 
-def test_all_replicas_failing_ends_in_failed_with_every_attempt(client: Any, worker: Any, tenant: TenantKey,
-                                                                db: Any, settings: Settings) -> None:
+def test_all_replicas_failing_ends_in_failed_with_every_attempt(
+    client: Any, worker: Any, tenant: TenantKey, db: Any, settings: Settings
+) -> None:
     job_id = _submit(client, tenant, "codegen-down")
     job = wait_terminal(db, job_id)
     max_attempts = settings.services["codegen-down"].max_attempts
@@ -61,8 +67,9 @@ def test_all_replicas_failing_ends_in_failed_with_every_attempt(client: Any, wor
     assert [e["to_state"] for e in got["events"]][-1] == "FAILED"
 
 
-def test_redelivered_dispatch_messages_do_not_run_a_job_twice(client: Any, worker: Any, tenant: TenantKey, db: Any,
-                                                             settings: Settings, replicas: dict[str, str]) -> None:
+def test_redelivered_dispatch_messages_do_not_run_a_job_twice(
+    client: Any, worker: Any, tenant: TenantKey, db: Any, settings: Settings, replicas: dict[str, str]
+) -> None:
     celery = create_celery(settings)
     queue = settings.queue_for("codegen-slow")
     # While the slow replica works on it, the same message arrives twice more.
@@ -91,8 +98,14 @@ def test_job_of_a_dead_worker_is_reclaimed_after_its_lease(worker: Any, tenant: 
     with db.transaction() as s:  # a worker took the job to PROCESSING and died; its lease has run out
         job = create_job(s, tenant_id=tenant.tenant_id, service="codegen", request={"prompt": "x"})
         past = utcnow() - timedelta(seconds=1)
-        job = transition(s, job, S.DISPATCHED, replica="codegen-a", attempt=1,
-                         values={"lease_expires_at": past, "enqueued_at": past - timedelta(minutes=5)})
+        job = transition(
+            s,
+            job,
+            S.DISPATCHED,
+            replica="codegen-a",
+            attempt=1,
+            values={"lease_expires_at": past, "enqueued_at": past - timedelta(minutes=5)},
+        )
         job = transition(s, job, S.PROCESSING)
         job_id = job.id
     job = wait_terminal(db, job_id, timeout=30)
@@ -101,14 +114,20 @@ def test_job_of_a_dead_worker_is_reclaimed_after_its_lease(worker: Any, tenant: 
     assert len(reclaim) == 1 and reclaim[0].from_state == S.PROCESSING
 
 
-def test_reclaim_with_no_attempts_left_fails_the_job(worker: Any, tenant: TenantKey, db: Any,
-                                                     settings: Settings) -> None:
+def test_reclaim_with_no_attempts_left_fails_the_job(
+    worker: Any, tenant: TenantKey, db: Any, settings: Settings
+) -> None:
     with db.transaction() as s:
         job = create_job(s, tenant_id=tenant.tenant_id, service="codegen", request={"prompt": "x"})
         past = utcnow() - timedelta(seconds=1)
-        job = transition(s, job, S.DISPATCHED, replica="codegen-a",
-                         attempt=settings.services["codegen"].max_attempts,
-                         values={"lease_expires_at": past, "enqueued_at": past - timedelta(minutes=5)})
+        job = transition(
+            s,
+            job,
+            S.DISPATCHED,
+            replica="codegen-a",
+            attempt=settings.services["codegen"].max_attempts,
+            values={"lease_expires_at": past, "enqueued_at": past - timedelta(minutes=5)},
+        )
         job_id = job.id
     job = wait_terminal(db, job_id, timeout=30)
     assert job.state == S.FAILED and job.error_code == "WORKER_LOST"

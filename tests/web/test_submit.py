@@ -27,8 +27,11 @@ def _states(job: Job) -> list[str]:
 
 
 def test_transcribe_upload_runs_to_succeeded(client: Any, worker: Any, tenant: TenantKey, db: Any) -> None:
-    resp = client.post("/v1/jobs/transcribe", headers=tenant.headers,
-                       data={"file": (io.BytesIO(wav_bytes(1.5)), "hello.wav"), "language": "en"})
+    resp = client.post(
+        "/v1/jobs/transcribe",
+        headers=tenant.headers,
+        data={"file": (io.BytesIO(wav_bytes(1.5)), "hello.wav"), "language": "en"},
+    )
     assert resp.status_code == 202, resp.json
     body = resp.json
     assert body["status"] == "QUEUED" and body["service"] == "transcribe"
@@ -64,8 +67,9 @@ def audio_server() -> Iterator[str]:
     thread.join(5)
 
 
-def test_transcribe_audio_url_is_fetched_and_measured(client: Any, worker: Any, tenant: TenantKey, db: Any,
-                                                      audio_server: str) -> None:
+def test_transcribe_audio_url_is_fetched_and_measured(
+    client: Any, worker: Any, tenant: TenantKey, db: Any, audio_server: str
+) -> None:
     resp = client.post("/v1/jobs/transcribe", headers=tenant.headers, json={"audio_url": f"{audio_server}/clip.wav"})
     assert resp.status_code == 202, resp.json
     job = wait_terminal(db, resp.json["id"])
@@ -79,8 +83,11 @@ def test_transcribe_audio_url_is_fetched_and_measured(client: Any, worker: Any, 
 
 
 def test_codegen_runs_to_succeeded(client: Any, worker: Any, tenant: TenantKey, db: Any) -> None:
-    resp = client.post("/v1/jobs/codegen", headers=tenant.headers,
-                       json={"prompt": "reverse a list", "language": "python", "max_tokens": 64, "temperature": 0})
+    resp = client.post(
+        "/v1/jobs/codegen",
+        headers=tenant.headers,
+        json={"prompt": "reverse a list", "language": "python", "max_tokens": 64, "temperature": 0},
+    )
     assert resp.status_code == 202
     job = wait_terminal(db, resp.json["id"])
     assert job.state == "SUCCEEDED"
@@ -92,29 +99,54 @@ BAD_INPUTS = [
     ("/v1/jobs/nope", {"json": {"prompt": "x"}}, 404, "UNKNOWN_SERVICE"),
     ("/v1/jobs/codegen-off", {"json": {"prompt": "x"}}, 503, "SERVICE_DISABLED"),
     ("/v1/jobs/codegen", {"json": {"prompt": ""}}, 422, "VALIDATION_FAILED"),
-    ("/v1/jobs/codegen", {"json": {"prompt": "x", "max_tokens": 0, "temperature": 9}}, 422, "VALIDATION_FAILED"),
+    (
+        "/v1/jobs/codegen",
+        {"json": {"prompt": "x", "max_tokens": 0, "temperature": 9}},
+        422,
+        "VALIDATION_FAILED",
+    ),
     ("/v1/jobs/codegen", {"json": {"prompt": "x", "surprise": 1}}, 422, "VALIDATION_FAILED"),
     ("/v1/jobs/codegen", {"json": ["prompt"]}, 422, "VALIDATION_FAILED"),
     ("/v1/jobs/codegen", {"data": "{not json", "content_type": "application/json"}, 400, "INVALID_JSON"),
     ("/v1/jobs/codegen", {"data": "prompt=x", "content_type": "text/plain"}, 415, "UNSUPPORTED_MEDIA_TYPE"),
-    ("/v1/jobs/codegen", {"data": {"prompt": "x"}, "content_type": "multipart/form-data"}, 415,
-     "UNSUPPORTED_MEDIA_TYPE"),
+    (
+        "/v1/jobs/codegen",
+        {"data": {"prompt": "x"}, "content_type": "multipart/form-data"},
+        415,
+        "UNSUPPORTED_MEDIA_TYPE",
+    ),
     ("/v1/jobs/codegen", {"json": {"prompt": "x" * 300_000}}, 413, "PAYLOAD_TOO_LARGE"),
-    ("/v1/jobs/transcribe", {"data": {"language": "en"}, "content_type": "multipart/form-data"}, 422,
-     "VALIDATION_FAILED"),  # no file part
-    ("/v1/jobs/transcribe", {"data": {"file": (io.BytesIO(b"not audio at all" * 10), "x.wav")}}, 422,
-     "VALIDATION_FAILED"),
-    ("/v1/jobs/transcribe", {"data": {"file": (io.BytesIO(b"\0" * 300_000), "big.wav")}}, 413,
-     "PAYLOAD_TOO_LARGE"),
+    (
+        "/v1/jobs/transcribe",
+        {"data": {"language": "en"}, "content_type": "multipart/form-data"},
+        422,
+        "VALIDATION_FAILED",
+    ),  # no file part
+    (
+        "/v1/jobs/transcribe",
+        {"data": {"file": (io.BytesIO(b"not audio at all" * 10), "x.wav")}},
+        422,
+        "VALIDATION_FAILED",
+    ),
+    (
+        "/v1/jobs/transcribe",
+        {"data": {"file": (io.BytesIO(b"\0" * 300_000), "big.wav")}},
+        413,
+        "PAYLOAD_TOO_LARGE",
+    ),
     ("/v1/jobs/transcribe", {"json": {"audio_url": "ftp://example.com/a.wav"}}, 422, "VALIDATION_FAILED"),
     ("/v1/jobs/transcribe", {"json": {"language": "en"}}, 422, "VALIDATION_FAILED"),
 ]
 
 
-@pytest.mark.parametrize(("path", "kwargs", "status", "code"), BAD_INPUTS,
-                         ids=[f"{c}-{i}" for i, (_, _, _, c) in enumerate(BAD_INPUTS)])
+@pytest.mark.parametrize(
+    ("path", "kwargs", "status", "code"),
+    BAD_INPUTS,
+    ids=[f"{c}-{i}" for i, (_, _, _, c) in enumerate(BAD_INPUTS)],
+)
 def test_bad_input_gets_its_status_in_the_envelope_and_creates_no_job(
-        client: Any, tenant: TenantKey, db: Any, path: str, kwargs: dict[str, Any], status: int, code: str) -> None:
+    client: Any, tenant: TenantKey, db: Any, path: str, kwargs: dict[str, Any], status: int, code: str
+) -> None:
     resp = client.post(path, headers={**tenant.headers, "X-Request-ID": "trace-me-1"}, **kwargs)
     assert resp.status_code == status, resp.json
     err = resp.json["error"]
