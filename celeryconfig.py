@@ -40,6 +40,21 @@ enable_utc = True
 timezone = "UTC"
 
 
+def dispatch_router(settings: Settings) -> Any:
+    """Route each job's dispatch to its service's queue (svc.<service>); an unknown service goes to the
+    maintenance queue, where dispatch_job fails the job instead of leaving it in a queue nobody reads."""
+
+    def route(name: str, args: Any, kwargs: dict[str, Any], options: Any, task: Any = None, **_kw: Any) -> Any:
+        if name != "jobgate.dispatch_job":
+            return None
+        service = (kwargs or {}).get("service")
+        if service in settings.services:
+            return {"queue": settings.queue_for(service)}
+        return {"queue": MAINTENANCE_QUEUE}
+
+    return route
+
+
 def from_settings(settings: Settings) -> dict[str, Any]:
     """Broker, routes, limits and the beat schedule for one deployment's settings."""
     gw = settings.gateway
@@ -58,9 +73,7 @@ def from_settings(settings: Settings) -> dict[str, Any]:
         "broker_url": settings.celery_broker_url,
         "broker_transport_options": transport,
         "broker_connection_timeout": gw.publish_timeout_seconds,
-        "task_routes": {
-            "jobgate.sweep_jobs": {"queue": MAINTENANCE_QUEUE},
-        },
+        "task_routes": (dispatch_router(settings), {"jobgate.sweep_jobs": {"queue": MAINTENANCE_QUEUE}}),
         # A task outliving its lease would race the sweeper's re-send: hard limit stays under the lease.
         "task_annotations": {
             "jobgate.dispatch_job": {

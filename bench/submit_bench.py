@@ -37,7 +37,7 @@ from tests.procs import BIN, Proc, free_port  # noqa: E402
 
 PG = os.environ.get("JOBGATE_BENCH_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 REDIS = os.environ.get("JOBGATE_BENCH_REDIS", "redis://127.0.0.1:6379")
-GUNICORN = ["--workers", "2", "--worker-class", "gthread", "--threads", "8"]
+GUNICORN = ["--no-control-socket", "--workers", "2", "--worker-class", "gthread", "--threads", "8"]
 
 
 def _admin() -> Any:

@@ -1,4 +1,5 @@
-"""The one way a dispatch message is sent: task id = job id, on the service's queue, failing fast."""
+"""The one way a dispatch message is sent: task id = job id, routed to the service's queue by
+celeryconfig's task_routes, failing fast."""
 
 from __future__ import annotations
 
@@ -14,19 +15,19 @@ DISPATCH_TASK = "jobgate.dispatch_job"
 _RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 
 
-def publish_dispatch(app: Celery, job_id: str, queue: str, *, countdown: float | None = None) -> bool:
+def publish_dispatch(app: Celery, job_id: str, service: str, *, countdown: float | None = None) -> bool:
     """Hand the job's dispatch message to the broker; False (logged) when the broker cannot take it."""
     try:
         app.send_task(
             DISPATCH_TASK,
             args=[job_id],
+            kwargs={"service": service},
             task_id=job_id,
-            queue=queue,
             countdown=countdown,
             retry=True,
             retry_policy=_RETRY_POLICY,
         )
     except Exception as exc:  # kombu raises OperationalError, redis/amqp their own connection errors
-        log.warning("could not publish dispatch of job %s to %s: %s", job_id, queue, exc)
+        log.warning("could not publish dispatch of job %s (%s): %s", job_id, service, exc)
         return False
     return True

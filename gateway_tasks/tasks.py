@@ -43,8 +43,11 @@ def _ctx(task: Task) -> WorkerContext:
     retry_backoff_max=20,
     max_retries=8,
 )
-def dispatch_job(self: Task, job_id: str) -> str:
-    """Claim the job, call one replica, and record the outcome; a message for a job that moved on does nothing."""
+def dispatch_job(self: Task, job_id: str, service: str | None = None) -> str:
+    """Claim the job, call one replica, and record the outcome; a message for a job that moved on does nothing.
+
+    ``service`` is only for routing (celeryconfig.dispatch_router); the job row says what to do.
+    """
     ctx = _ctx(self)
     settings = ctx.settings
     now = utcnow()
@@ -142,7 +145,7 @@ def dispatch_job(self: Task, job_id: str) -> str:
         transition(s, job, S.QUEUED, detail=detail, values={"lease_expires_at": None, "enqueued_at": None})
 
     # After the commit: a crash before this line leaves enqueued_at NULL and the sweeper re-sends it.
-    if publish_dispatch(self.app, job_id, settings.queue_for(job.service), countdown=retry_in):
+    if publish_dispatch(self.app, job_id, job.service, countdown=retry_in):
         with ctx.db.transaction() as s:
             mark_enqueued(s, job_id)
     return "retrying"
@@ -170,9 +173,7 @@ def sweep_jobs(self: Task) -> int:
         ]
     sent = 0
     for job_id, service in due:
-        if service not in ctx.settings.services:
-            continue  # dispatch_job fails such a job; here we only need some queue to carry it
-        if publish_dispatch(self.app, job_id, ctx.settings.queue_for(service)):
+        if publish_dispatch(self.app, job_id, service):
             with ctx.db.transaction() as s:
                 mark_enqueued(s, job_id)
             sent += 1

@@ -53,7 +53,7 @@ def submit(service: str) -> tuple[Response, int, dict[str, str]]:
             audio_seconds=sub.audio_seconds,
         )
     # Sent only after the commit; if the broker is away the sweeper sends it later (enqueued_at stays NULL).
-    if publish_dispatch(c.celery, job.id, c.settings.queue_for(service)):
+    if publish_dispatch(c.celery, job.id, service):
         with c.db.transaction() as s:
             mark_enqueued(s, job.id)
     body = JobAccepted(id=job.id, status=job.state, service=service, created_at=job.created_at, links=job_link(job.id))

