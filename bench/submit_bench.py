@@ -1,11 +1,13 @@
 """Submit throughput and latency: POST /v1/jobs/codegen against a bare apply_async endpoint.
 
-    .venv/bin/python -m bench.submit_bench [--concurrency 16] [--requests 1500] [--rounds 3]
+    .venv/bin/python -m bench.submit_bench [--concurrency 16] [--seconds 8] [--rounds 3] [--client wrk|python]
 
 Starts its own stack on this machine's PostgreSQL and Redis (a scratch database, Redis db 11/12),
 two gunicorn servers with the same worker model (gthread, 2 workers x 8 threads) — the full gateway
-and the baseline — and drives both from one threaded client, alternating rounds so machine noise hits
-both alike. Nothing consumes the queue; it is purged after each round. Prints a table, writes JSON to
+and the baseline — and drives both with the same client, alternating rounds so machine noise hits
+both alike. The client is wrk (Debian package `wrk`) when it is installed: a Python client on the
+same 2 cores takes CPU from the servers and caps the baseline; `--client python` forces that one.
+Nothing consumes the queue; it is purged after each round. Prints a table, writes JSON to
 bench/results/submit.json.
 """
 
@@ -14,7 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -44,6 +49,46 @@ def _admin() -> Any:
     conn = psycopg2.connect(PG.replace("postgresql+psycopg2", "postgresql") + "/postgres")
     conn.autocommit = True
     return conn
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = [[%s]]
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "%s"
+"""
+
+
+def _ms(value: str) -> float:
+    num, unit = re.match(r"([\d.]+)(us|ms|s)", value).groups()  # type: ignore[union-attr]
+    return float(num) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def drive_wrk(
+    url: str, headers: dict[str, str], body: dict[str, Any], seconds: float, concurrency: int, tmp: Path
+) -> dict[str, Any]:
+    """wrk for `seconds` with `concurrency` keep-alive connections on 2 threads."""
+    script = tmp / "post.lua"
+    script.write_text(WRK_SCRIPT % (json.dumps(body), headers["Authorization"]))
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    if "Latency Distribution" not in out:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    dist = out.split("Latency Distribution", 1)[1]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {
+        "requests": total,
+        "errors": (int(bad.group(1)) if bad else 0) + (sum(map(int, errors.groups())) if errors else 0),
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "p50_ms": _ms(re.search(r"50%\s+(\S+)", dist).group(1)),  # type: ignore[union-attr]
+        "p99_ms": _ms(re.search(r"99%\s+(\S+)", dist).group(1)),  # type: ignore[union-attr]
+    }
 
 
 def drive(url: str, headers: dict[str, str], body: dict[str, Any], n: int, concurrency: int) -> dict[str, Any]:
@@ -87,8 +132,10 @@ def drive(url: str, headers: dict[str, str], body: dict[str, Any], n: int, concu
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--requests", type=int, default=1500, help="per round and target")
+    ap.add_argument("--requests", type=int, default=1500, help="per round and target (python client)")
+    ap.add_argument("--seconds", type=float, default=8, help="per round and target (wrk client)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--client", choices=["wrk", "python"], default="wrk" if shutil.which("wrk") else "python")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "submit.json")
     args = ap.parse_args()
 
@@ -131,13 +178,18 @@ def main() -> int:
         body = {"prompt": "write a function that reverses a list", "max_tokens": 128}
         queue = redis.Redis.from_url(broker)
 
+        def run(name: str, warmup: bool = False) -> dict[str, Any]:
+            if args.client == "wrk":
+                return drive_wrk(urls[name], headers, body, 2 if warmup else args.seconds, args.concurrency, tmp)
+            return drive(urls[name], headers, body, 200 if warmup else args.requests, args.concurrency)
+
         for name in urls:  # warm up connections, imports and pools
-            drive(urls[name], headers, body, 200, args.concurrency)
+            run(name, warmup=True)
         queue.flushdb()
         rounds: dict[str, list[dict[str, Any]]] = {"full": [], "baseline": []}
         for _ in range(args.rounds):
             for name in ("baseline", "full"):
-                rounds[name].append(drive(urls[name], headers, body, args.requests, args.concurrency))
+                rounds[name].append(run(name))
                 queue.flushdb()
 
         summary = {
@@ -150,8 +202,9 @@ def main() -> int:
             "p50_full_over_baseline": summary["full"]["p50_ms"] / summary["baseline"]["p50_ms"],
             "p50_added_ms": summary["full"]["p50_ms"] - summary["baseline"]["p50_ms"],
         }
+        size = f"{args.seconds:g} s" if args.client == "wrk" else f"{args.requests} requests"
         print(
-            f"\nsubmit benchmark: concurrency {args.concurrency}, {args.requests} requests x {args.rounds} rounds, "
+            f"\nsubmit benchmark ({args.client}): concurrency {args.concurrency}, {size} x {args.rounds} rounds, "
             "gunicorn gthread 2x8, medians of rounds"
         )
         print(f"{'target':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
@@ -168,8 +221,9 @@ def main() -> int:
                 {
                     "benchmark": "submit",
                     "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "client": args.client,
                     "concurrency": args.concurrency,
-                    "requests_per_round": args.requests,
+                    "round_size": size,
                     "rounds": args.rounds,
                     "server": "gunicorn gthread 2 workers x 8 threads",
                     "cpus": os.cpu_count(),

@@ -31,7 +31,7 @@ S = JobState
 
 
 def _ctx(task: Task) -> WorkerContext:
-    return task.app.jobgate  # type: ignore[attr-defined,no-any-return]
+    return task.app.jobgate
 
 
 @shared_task(
@@ -119,7 +119,7 @@ def dispatch_job(self: Task, job_id: str, service: str | None = None) -> str:
                 values={"result": {"output": outcome["output"], "usage": outcome.get("usage") or {}}},
             )
             return "succeeded"
-        detail = {
+        detail: dict[str, Any] = {
             "outcome": "replica_error",
             "code": outcome.code,
             "message": outcome.message,

@@ -27,7 +27,7 @@ def create_app(settings: Settings | None = None) -> JobgateOpenAPI:
     app = JobgateOpenAPI(
         __name__,
         info=Info(title="jobgate", version="0.1.0", description="HTTP gateway for AI inference jobs"),
-        security_schemes=SECURITY_SCHEMES,  # type: ignore[arg-type]
+        security_schemes=SECURITY_SCHEMES,
         doc_prefix="/docs",
         doc_url="/openapi.json",
         validation_error_status=422,

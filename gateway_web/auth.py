@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session
 from gateway_core.tenants import authenticate_key
 from gateway_web.context import ctx
 
-SECURITY = [{"bearer": []}]
+SECURITY: list[dict[str, list[str]]] = [{"bearer": []}]
 SECURITY_SCHEMES = {"bearer": {"type": "http", "scheme": "bearer", "description": "an API key: jg_…"}}
 
 

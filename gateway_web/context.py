@@ -21,4 +21,4 @@ class WebContext:
 
 
 def ctx() -> WebContext:
-    return current_app.extensions["jobgate"]  # type: ignore[no-any-return]
+    return current_app.extensions["jobgate"]

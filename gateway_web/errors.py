@@ -78,7 +78,7 @@ def register_error_handlers(app: Flask) -> None:
         return validation_error_response(exc)
 
     @app.errorhandler(HTTPException)
-    def _http(exc: HTTPException) -> Response:
+    def _http(exc: HTTPException) -> Any:
         if exc.response is not None and exc.response.is_json:  # already an envelope (abort(resp))
             return exc.response
         status = exc.code or 500

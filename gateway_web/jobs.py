@@ -20,8 +20,8 @@ from gateway_web.schemas import JobAccepted, JobOut, JobPath, JobQuery, ServiceP
 from gateway_web.submission import JSON, MULTIPART, Submission, parse_submission
 
 TAG = Tag(name="jobs", description="Submit inference jobs and read their state and result")
-ERRORS: dict[int, Any] = {401: ErrorEnvelope, 404: ErrorEnvelope}
-SUBMIT_ERRORS: dict[int, Any] = {
+ERRORS: dict[str | int, Any] = {401: ErrorEnvelope, 404: ErrorEnvelope}
+SUBMIT_ERRORS: dict[str | int, Any] = {
     **ERRORS,
     400: ErrorEnvelope,
     413: ErrorEnvelope,
