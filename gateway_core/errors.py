@@ -67,3 +67,33 @@ class IllegalTransitionError(GatewayError):
 
 class ConfigError(Exception):
     """gateway.yaml or the environment holds a bad key or value; raised at start."""
+
+
+class ConcurrencyLimitError(GatewayError):
+    code = "CONCURRENCY_LIMIT"
+    status = 429
+
+
+class QuotaExceededError(GatewayError):
+    code = "QUOTA_EXCEEDED"
+    status = 429
+
+
+class IdempotencyKeyReusedError(GatewayError):
+    code = "IDEMPOTENCY_KEY_REUSED"
+    status = 422
+
+
+class IdempotencyInProgressError(GatewayError):
+    code = "IDEMPOTENCY_IN_PROGRESS"
+    status = 409
+
+
+class JobFinishedError(GatewayError):
+    code = "JOB_FINISHED"
+    status = 409
+
+
+class ForbiddenError(GatewayError):
+    code = "FORBIDDEN"
+    status = 403

@@ -30,11 +30,16 @@ def create_job(
     input_data: bytes | None = None,
     input_content_type: str | None = None,
     audio_seconds: float | None = None,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+    now: datetime | None = None,
 ) -> Job:
     """Record an admitted job in QUEUED, with its RECEIVED and QUEUED events; not yet sent to the broker."""
-    now = utcnow()
+    now = now or utcnow()
     job = Job(
         id=str(uuid.uuid4()),
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
         tenant_id=tenant_id,
         service=service,
         state=S.QUEUED,

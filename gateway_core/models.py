@@ -1,14 +1,16 @@
-"""SQLAlchemy 2 typed models: tenants, API keys, jobs and their event history."""
+"""SQLAlchemy 2 typed models: tenants, API keys, jobs and their events, the credits ledger, usage."""
 
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
+    CheckConstraint,
+    Date,
     DateTime,
     Enum,
     Float,
@@ -63,11 +65,24 @@ def _state_enum() -> Enum:
 
 class Tenant(Base):
     __tablename__ = "tenants"
+    __table_args__ = (
+        CheckConstraint("credits_balance >= 0", name="ck_tenants_balance_not_negative"),
+        CheckConstraint("credits_reserved >= 0", name="ck_tenants_reserved_not_negative"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     tier: Mapped[str] = mapped_column(String(16), default="free")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Spendable credits, and credits held by open reservations; both always equal sums over the ledger.
+    credits_balance: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    credits_reserved: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Per-tenant overrides of the tier's limits (NULL: the tier decides).
+    concurrency_limit: Mapped[int | None] = mapped_column(Integer, default=None)
+    daily_credit_quota: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    monthly_credit_quota: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    daily_job_quota: Mapped[int | None] = mapped_column(Integer, default=None)
+    monthly_job_quota: Mapped[int | None] = mapped_column(Integer, default=None)
 
     api_keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant")
 
@@ -81,6 +96,7 @@ class ApiKey(Base):
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     prefix: Mapped[str] = mapped_column(String(16))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
@@ -92,6 +108,8 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
         Index("ix_jobs_state_updated", "state", "updated_at"),
+        Index("ix_jobs_tenant_state", "tenant_id", "state"),
+        Index("uq_jobs_tenant_idempotency_key", "tenant_id", "idempotency_key", unique=True),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=lambda: str(uuid.uuid4()))
@@ -109,6 +127,10 @@ class Job(Base):
     # When the dispatch message was last handed to the broker; NULL means the sweeper must send it.
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     result: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    credits_reserved: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    credits_charged: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
+    request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -137,3 +159,34 @@ class JobEvent(Base):
     detail: Mapped[dict[str, Any] | None] = mapped_column(default=None)
 
     job: Mapped[Job] = relationship(back_populates="events")
+
+
+class CreditEntry(Base):
+    """One movement of a tenant's credits. ``amount`` changes the spendable balance, ``reserved_change``
+    the credits held for open jobs; the tenant's two columns are always the sums of these."""
+
+    __tablename__ = "credit_entries"
+    __table_args__ = (Index("ix_credit_entries_tenant_id_id", "tenant_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), default=None)
+    kind: Mapped[str] = mapped_column(String(16))  # grant reserve capture release refund adjustment
+    amount: Mapped[int] = mapped_column(BigInteger)
+    reserved_change: Mapped[int] = mapped_column(BigInteger, default=0)
+    balance_after: Mapped[int] = mapped_column(BigInteger)
+    reserved_after: Mapped[int] = mapped_column(BigInteger)
+    note: Mapped[str | None] = mapped_column(String(255), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TenantUsage(Base):
+    """Jobs and credits admitted per tenant per day and per month, for quotas."""
+
+    __tablename__ = "tenant_usage"
+
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    period: Mapped[str] = mapped_column(String(8), primary_key=True)  # day | month
+    starts_on: Mapped[date] = mapped_column(Date, primary_key=True)
+    jobs: Mapped[int] = mapped_column(Integer, default=0)
+    credits: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -38,8 +38,19 @@ class ReplicaConfig(_Strict):
         return str(self.url).rstrip("/")
 
 
+class PricingConfig(_Strict):
+    """Credits per unit: ``credits = max(minimum, int(units * rate + 0.5))`` (seed 003's formula for audio)."""
+
+    unit: Literal["job", "audio_second", "token"] = "job"
+    rate: float = Field(default=1.0, ge=0)
+    minimum: int = Field(default=1, ge=0)
+
+
 class ServiceConfig(_Strict):
     kind: Literal["transcribe", "codegen"] = Field(description="which request schema the service takes")
+    pricing: PricingConfig = PricingConfig()
+    cost_weight: int = Field(default=1, ge=1, le=1000, description="rate-limit units one submit consumes")
+    rate_limit: str | None = Field(default=None, description="per-tenant limit on this endpoint, e.g. '5/second'")
     enabled: bool = True
     queue: str | None = Field(default=None, description="Celery queue; svc.<service> when omitted")
     max_attempts: int = Field(default=3, ge=1, le=20)
@@ -53,6 +64,53 @@ class ServiceConfig(_Strict):
         if len(names) != len(set(names)):
             raise ValueError(f"replica names must be unique, got {names}")
         return self
+
+
+def _check_limit(value: str) -> str:
+    from limits import parse_many
+
+    try:
+        parse_many(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a rate limit like '10/minute;100/hour'") from None
+    return value
+
+
+class TierConfig(_Strict):
+    """What a tenant of a tier may do (seed 001 / 002); a tenant's own overrides win where set."""
+
+    rate_limit: str = Field(description="requests per window, ';'-separated, weighted by endpoint cost")
+    concurrency: int = Field(ge=1, le=100_000, description="jobs QUEUED, HELD, DISPATCHED or PROCESSING at once")
+    daily_credits: int | None = Field(default=None, ge=0)
+    monthly_credits: int | None = Field(default=None, ge=0)
+    daily_jobs: int | None = Field(default=None, ge=0)
+    monthly_jobs: int | None = Field(default=None, ge=0)
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        return _check_limit(value)
+
+
+DEFAULT_TIERS = {
+    "free": TierConfig(rate_limit="10/minute;100/hour;1000/day", concurrency=2),
+    "pro": TierConfig(rate_limit="100/minute;1000/hour;100000/day", concurrency=10),
+    "enterprise": TierConfig(rate_limit="1000/minute;10000/hour;1000000/day", concurrency=50),
+}
+
+
+class RateLimitConfig(_Strict):
+    enabled: bool = True
+    global_limit: str | None = Field(default="10000/second", description="all tenants together")
+    read_cost: int = Field(default=1, ge=1, le=1000, description="units a read (poll, credits) consumes")
+    # When Redis cannot be reached the limits still hold per process (flask-limiter's in-memory fallback);
+    # admission never depends on Redis for credits, which live in the database.
+    in_memory_fallback: bool = True
+
+    @field_validator("global_limit")
+    @classmethod
+    def _parses(cls, value: str | None) -> str | None:
+        return _check_limit(value) if value else value
 
 
 class GatewayConfig(_Strict):
@@ -73,6 +131,8 @@ class Settings(_Strict):
     redis_url: str = "redis://127.0.0.1:6379/0"
     broker_url: str | None = Field(default=None, description="Celery broker; redis_url when omitted")
     gateway: GatewayConfig = GatewayConfig()
+    rate_limits: RateLimitConfig = RateLimitConfig()
+    tiers: dict[str, TierConfig] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
     services: dict[str, ServiceConfig] = Field(min_length=1)
 
     @field_validator("services")
@@ -81,6 +141,22 @@ class Settings(_Strict):
         for name in services:
             if not SERVICE_NAME.match(name):
                 raise ValueError(f"service name {name!r} must match {SERVICE_NAME.pattern}")
+        return services
+
+    @field_validator("tiers")
+    @classmethod
+    def _all_tiers(cls, tiers: dict[str, TierConfig]) -> dict[str, TierConfig]:
+        unknown = set(tiers) - set(DEFAULT_TIERS)
+        if unknown:
+            raise ValueError(f"unknown tier(s) {sorted(unknown)}; tiers are {sorted(DEFAULT_TIERS)}")
+        return {**DEFAULT_TIERS, **tiers}
+
+    @field_validator("services")
+    @classmethod
+    def _endpoint_limits(cls, services: dict[str, ServiceConfig]) -> dict[str, ServiceConfig]:
+        for svc in services.values():
+            if svc.rate_limit:
+                _check_limit(svc.rate_limit)
         return services
 
     @model_validator(mode="after")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from dataclasses import dataclass
 from typing import Literal
 
 from sqlalchemy import select
@@ -39,19 +40,39 @@ def tenant_by_name(session: Session, name: str) -> Tenant:
     return tenant
 
 
-def create_api_key(session: Session, tenant: Tenant) -> str:
-    """Create a key for tenant and return it; only its hash is stored, so this is the one time it is seen."""
+SCOPES = ("admin",)
+
+
+def create_api_key(session: Session, tenant: Tenant, scopes: tuple[str, ...] = ()) -> str:
+    """Create a key for tenant and return it; only its hash is stored, so this is the one time it is seen.
+    Scope ``admin`` lets the key manage every tenant's credits (the identity issue widens scopes)."""
+    unknown = set(scopes) - set(SCOPES)
+    if unknown:
+        raise InvalidRequestError(f"unknown scope(s) {sorted(unknown)}; known: {', '.join(SCOPES)}")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    session.add(ApiKey(tenant_id=tenant.id, prefix=key[:10], key_hash=hash_key(key)))
+    session.add(ApiKey(tenant_id=tenant.id, prefix=key[:10], key_hash=hash_key(key), scopes=list(scopes)))
     session.flush()
     return key
 
 
-def authenticate_key(session: Session, key: str | None) -> int:
-    """The id of the tenant owning a live API key; AuthenticationError when it is missing, unknown or revoked."""
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts for: the tenant behind the key, its tier, and the key's scopes."""
+
+    tenant_id: int
+    tier: str
+    scopes: tuple[str, ...]
+
+
+def authenticate_key(session: Session, key: str | None) -> Principal:
+    """The principal of a live API key; AuthenticationError when it is missing, unknown or revoked."""
     if not key:
         raise AuthenticationError("missing API key: send Authorization: Bearer <key>")
-    row = session.execute(select(ApiKey.tenant_id, ApiKey.revoked_at).where(ApiKey.key_hash == hash_key(key))).first()
+    row = session.execute(
+        select(ApiKey.tenant_id, ApiKey.revoked_at, ApiKey.scopes, Tenant.tier)
+        .join(Tenant, Tenant.id == ApiKey.tenant_id)
+        .where(ApiKey.key_hash == hash_key(key))
+    ).first()
     if row is None or row.revoked_at is not None:
         raise AuthenticationError("invalid API key")
-    return int(row.tenant_id)
+    return Principal(int(row.tenant_id), str(row.tier), tuple(row.scopes or ()))

@@ -18,7 +18,7 @@ def pick_replica(
     """The next replica in turn, skipping those in ``exclude`` (failed for this job) while others remain."""
     candidates = [rep for rep in replicas if rep.name not in (exclude or set())] or list(replicas)
     try:
-        turn = int(r.incr(f"jobgate:rr:{service}"))
+        turn = int(r.incr(f"jobgate:rr:{service}"))  # type: ignore[arg-type]
     except redis.RedisError as exc:
         # Balancing without Redis is still balancing: fall back to a random pick rather than stall.
         log.warning("round-robin counter unavailable (%s); picking at random", exc)

@@ -10,6 +10,7 @@ import redis
 from celery import Task, shared_task
 from sqlalchemy.exc import OperationalError
 
+from gateway_core import lifecycle
 from gateway_core.backoff import backoff_seconds
 from gateway_core.jobs import (
     claimable,
@@ -61,15 +62,15 @@ def dispatch_job(self: Task, job_id: str, service: str | None = None) -> str:
         svc = settings.services.get(job.service)
         reclaimed = job.state in IN_FLIGHT
         if svc is None:
-            transition(s, job, S.FAILED, values=_error("SERVICE_REMOVED", f"service {job.service} is not configured"))
+            lifecycle.fail(s, job, "SERVICE_REMOVED", f"service {job.service} is not configured")
             return "failed"
         if job.attempts >= svc.max_attempts:  # its last worker died mid-attempt
-            transition(
+            lifecycle.fail(
                 s,
                 job,
-                S.FAILED,
+                "WORKER_LOST",
+                f"worker lost during attempt {job.attempts} of {svc.max_attempts}",
                 detail={"outcome": "worker_lost"},
-                values=_error("WORKER_LOST", f"worker lost during attempt {job.attempts} of {svc.max_attempts}"),
             )
             return "failed"
         replica = pick_replica(ctx.redis, job.service, svc.replicas, failed_replicas(job))
@@ -111,13 +112,7 @@ def dispatch_job(self: Task, job_id: str, service: str | None = None) -> str:
         if job is None or job.state != S.PROCESSING or job.attempts != attempt:
             return "superseded"  # the lease ran out and another worker took the job over
         if isinstance(outcome, dict):
-            transition(
-                s,
-                job,
-                S.SUCCEEDED,
-                detail={"outcome": "succeeded"},
-                values={"result": {"output": outcome["output"], "usage": outcome.get("usage") or {}}},
-            )
+            lifecycle.succeed(s, job, svc, outcome["output"], outcome.get("usage") or {})
             return "succeeded"
         detail: dict[str, Any] = {
             "outcome": "replica_error",
@@ -126,19 +121,11 @@ def dispatch_job(self: Task, job_id: str, service: str | None = None) -> str:
             "status": outcome.status,
         }
         if not outcome.retriable:
-            transition(s, job, S.FAILED, detail=detail, values=_error(outcome.code, outcome.message))
+            lifecycle.fail(s, job, outcome.code, outcome.message, detail=detail)
             return "failed"
         if attempt >= svc.max_attempts:
-            transition(
-                s,
-                job,
-                S.FAILED,
-                detail=detail,
-                values=_error(
-                    "ALL_ATTEMPTS_FAILED",
-                    f"{attempt} attempts failed; last: {outcome.code}: {outcome.message}",
-                ),
-            )
+            message = f"{attempt} attempts failed; last: {outcome.code}: {outcome.message}"
+            lifecycle.fail(s, job, "ALL_ATTEMPTS_FAILED", message, detail=detail)
             return "failed"
         retry_in = backoff_seconds(attempt, svc.backoff_base_seconds, svc.backoff_max_seconds)
         detail["retry_in_seconds"] = round(retry_in, 3)
@@ -149,10 +136,6 @@ def dispatch_job(self: Task, job_id: str, service: str | None = None) -> str:
         with ctx.db.transaction() as s:
             mark_enqueued(s, job_id)
     return "retrying"
-
-
-def _error(code: str, message: str) -> dict[str, Any]:
-    return {"error_code": code, "error_message": message, "lease_expires_at": None}
 
 
 @shared_task(bind=True, name="jobgate.sweep_jobs", ignore_result=True)

@@ -12,10 +12,11 @@ from flask_openapi3 import Info
 from gateway_core.db import Database
 from gateway_core.settings import Settings, load_settings
 from gateway_tasks.celery_app import create_celery
-from gateway_web import health, jobs
-from gateway_web.auth import SECURITY_SCHEMES
+from gateway_web import credits, health, jobs
+from gateway_web.auth import SECURITY_SCHEMES, init_auth
 from gateway_web.context import WebContext
 from gateway_web.errors import register_error_handlers, validation_error_response
+from gateway_web.limits import make_limiter
 from gateway_web.openapi import JobgateOpenAPI
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -52,8 +53,12 @@ def create_app(settings: Settings | None = None) -> JobgateOpenAPI:
         resp.headers["X-Request-ID"] = g.get("request_id", "")
         return resp
 
+    init_auth(app)  # before the limiter: limits are keyed by the authenticated tenant
+    make_limiter(app, settings)
     app.register_api(health.bp)
     app.register_api(jobs.make_blueprint(app))
+    for bp in credits.make_blueprints(app):
+        app.register_api(bp)
 
     @app.get("/openapi.json", doc_ui=False)
     def openapi_json() -> Response:

@@ -1,15 +1,22 @@
-"""Authentication seam: the one place a request becomes a tenant (API keys now; JWT and scopes later)."""
+"""Authentication seam: the one place a request becomes a principal (API keys now; JWT and scopes later).
+
+It runs as an app-level before_request, ahead of the rate limiter, so limits are keyed by tenant and tier.
+"""
 
 from __future__ import annotations
 
-from flask import g, request
-from sqlalchemy.orm import Session
+from typing import cast
 
-from gateway_core.tenants import authenticate_key
+from flask import Flask, g, request
+
+from gateway_core.errors import ForbiddenError
+from gateway_core.tenants import Principal, authenticate_key
 from gateway_web.context import ctx
 
 SECURITY: list[dict[str, list[str]]] = [{"bearer": []}]
 SECURITY_SCHEMES = {"bearer": {"type": "http", "scheme": "bearer", "description": "an API key: jg_…"}}
+# Blueprints whose every route needs a principal.
+AUTHENTICATED = frozenset({"jobs", "credits", "admin"})
 
 
 def bearer_token() -> str | None:
@@ -18,13 +25,24 @@ def bearer_token() -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
-def current_tenant_id(session: Session | None = None) -> int:
-    """The tenant behind the request's API key, checked once per request, in ``session`` when given
-    (so a submit authenticates and records its job in one transaction); AuthenticationError (401) otherwise."""
-    if "tenant_id" not in g:
-        if session is not None:
-            g.tenant_id = authenticate_key(session, bearer_token())
-        else:
-            with ctx().db.transaction() as s:
-                g.tenant_id = authenticate_key(s, bearer_token())
-    return int(g.tenant_id)
+def principal() -> Principal:
+    """The principal of this request (set by the before_request hook on authenticated routes)."""
+    return cast(Principal, g.principal)
+
+
+def require_scope(scope: str) -> Principal:
+    p = principal()
+    if scope not in p.scopes:
+        raise ForbiddenError(f"this API key lacks the {scope!r} scope", details={"required_scope": scope})
+    return p
+
+
+def init_auth(app: Flask) -> None:
+    """Register the authentication hook; call before the limiter's init_app so it runs first."""
+
+    @app.before_request
+    def _authenticate() -> None:
+        if request.routing_exception is not None or request.blueprint not in AUTHENTICATED:
+            return
+        with ctx().db.transaction() as s:
+            g.principal = authenticate_key(s, bearer_token())

@@ -1,4 +1,4 @@
-"""Jobs: submit one to a service, read it back."""
+"""Jobs: submit one to a service, read it back, cancel it."""
 
 from __future__ import annotations
 
@@ -6,24 +6,32 @@ from typing import Any
 
 from flask import Response, jsonify
 from flask_openapi3 import APIBlueprint, Tag
+from sqlalchemy.exc import IntegrityError
 
+from gateway_core import lifecycle
+from gateway_core.admission import Admitted, JobInput, admit
 from gateway_core.audio import fetch_audio, measure_seconds
 from gateway_core.catalog import KINDS
 from gateway_core.errors import ServiceDisabledError, UnknownServiceError
-from gateway_core.jobs import create_job, get_job, mark_enqueued
+from gateway_core.jobs import get_job, mark_enqueued
+from gateway_core.settings import Settings
 from gateway_tasks.publish import publish_dispatch
-from gateway_web.auth import SECURITY, current_tenant_id
+from gateway_web.auth import SECURITY, principal
 from gateway_web.context import ctx
 from gateway_web.errors import ErrorEnvelope
+from gateway_web.idempotency import idempotency_key, in_flight_guard, request_hash
+from gateway_web.limits import limited
 from gateway_web.openapi import JobgateOpenAPI, TranscribeUpload
 from gateway_web.schemas import JobAccepted, JobOut, JobPath, JobQuery, ServicePath, job_link, job_out
 from gateway_web.submission import JSON, MULTIPART, Submission, parse_submission
 
-TAG = Tag(name="jobs", description="Submit inference jobs and read their state and result")
-ERRORS: dict[str | int, Any] = {401: ErrorEnvelope, 404: ErrorEnvelope}
+TAG = Tag(name="jobs", description="Submit inference jobs, read their state and result, cancel them")
+ERRORS: dict[str | int, Any] = {401: ErrorEnvelope, 404: ErrorEnvelope, 429: ErrorEnvelope}
 SUBMIT_ERRORS: dict[str | int, Any] = {
     **ERRORS,
     400: ErrorEnvelope,
+    402: ErrorEnvelope,
+    409: ErrorEnvelope,
     413: ErrorEnvelope,
     415: ErrorEnvelope,
     503: ErrorEnvelope,
@@ -31,33 +39,41 @@ SUBMIT_ERRORS: dict[str | int, Any] = {
 
 
 def submit(service: str) -> tuple[Response, int, dict[str, str]]:
-    """Validate, authenticate, record and enqueue a job; 202 with its id."""
+    """Validate, admit (concurrency, quotas, credits), record and enqueue a job; 202 with its id."""
     c = ctx()
     svc = c.settings.services[service]
     if not svc.enabled:
         raise ServiceDisabledError(f"service {service} is disabled", details={"service": service})
     gw = c.settings.gateway
+    key = idempotency_key()
     sub = parse_submission(KINDS[svc.kind], gw.max_body_bytes)
-    if sub.audio_url:  # authenticate before fetching anything on a client's behalf
-        current_tenant_id()
+    if sub.audio_url:
         _fetch(sub, gw.max_body_bytes, gw.audio_fetch_timeout_seconds, gw.allow_private_audio_urls)
-    with c.db.transaction() as s:
-        tenant_id = current_tenant_id(s)
-        job = create_job(
-            s,
-            tenant_id=tenant_id,
-            service=service,
-            request=sub.request,
-            input_data=sub.audio,
-            input_content_type=sub.audio_content_type,
-            audio_seconds=sub.audio_seconds,
-        )
-    # Sent only after the commit; if the broker is away the sweeper sends it later (enqueued_at stays NULL).
-    if publish_dispatch(c.celery, job.id, service):
+    job_input = JobInput(service, sub.request, sub.audio, sub.audio_content_type, sub.audio_seconds)
+    fingerprint = request_hash(job_input) if key else None
+    tenant_id = principal().tenant_id
+    with in_flight_guard(c.redis, tenant_id, key):
+        try:
+            admitted = _admit(tenant_id, job_input, key, fingerprint)
+        except IntegrityError:  # a concurrent twin with the same key committed first: replay it
+            admitted = _admit(tenant_id, job_input, key, fingerprint)
+    job = admitted.job
+    headers = {"Location": job_link(job.id).self}
+    if admitted.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    elif publish_dispatch(c.celery, job.id, service):  # after the commit; else the sweeper sends it
         with c.db.transaction() as s:
             mark_enqueued(s, job.id)
     body = JobAccepted(id=job.id, status=job.state, service=service, created_at=job.created_at, links=job_link(job.id))
-    return jsonify(body.model_dump(mode="json")), 202, {"Location": body.links.self}
+    return jsonify(body.model_dump(mode="json")), 202, headers
+
+
+def _admit(tenant_id: int, job_input: JobInput, key: str | None, fingerprint: str | None) -> Admitted:
+    c = ctx()
+    with c.db.transaction() as s:
+        return admit(
+            s, c.settings, tenant_id=tenant_id, job_input=job_input, idempotency_key=key, request_hash=fingerprint
+        )
 
 
 def _fetch(sub: Submission, max_bytes: int, timeout: float, allow_private: bool) -> None:
@@ -70,7 +86,8 @@ def _fetch(sub: Submission, max_bytes: int, timeout: float, allow_private: bool)
 
 def make_blueprint(app: JobgateOpenAPI) -> APIBlueprint:
     """Routes for the configured services, registered so each gets its own schema in the OpenAPI document."""
-    settings = app.extensions["jobgate"].settings
+    settings: Settings = app.extensions["jobgate"].settings
+    read_cost = settings.rate_limits.read_cost
     bp = APIBlueprint("jobs", __name__, url_prefix="/v1", abp_tags=[TAG], abp_security=SECURITY)
 
     for name, svc in settings.services.items():
@@ -79,9 +96,11 @@ def make_blueprint(app: JobgateOpenAPI) -> APIBlueprint:
         def view(_name: str = name) -> tuple[Response, int, dict[str, str]]:
             return submit(_name)
 
-        view.__name__ = f"submit_{name.replace('-', '_')}"
+        view.__name__ = view.__qualname__ = f"submit_{name.replace('-', '_')}"
         view.__doc__ = f"Submit a {kind.name} job to {name}."
-        bp.post(f"/jobs/{name}", responses={202: JobAccepted, **SUBMIT_ERRORS}, operation_id=f"submit_{name}")(view)
+        bp.post(f"/jobs/{name}", responses={202: JobAccepted, **SUBMIT_ERRORS}, operation_id=f"submit_{name}")(
+            limited(app, settings, view, weight=svc.cost_weight, endpoint_limit=svc.rate_limit)
+        )
         bodies: dict[str, Any] = {JSON: kind.json_model}
         if kind.takes_audio:
             bodies[MULTIPART] = TranscribeUpload
@@ -94,12 +113,10 @@ def make_blueprint(app: JobgateOpenAPI) -> APIBlueprint:
             details={"service": path.service, "available": sorted(settings.services)},
         )
 
-    @bp.get("/jobs/<job_id>", responses={200: JobOut, **ERRORS})
     def read_job(path: JobPath, query: JobQuery) -> Response:
         """A job's state, attempts, timings, and its result or error; ?include=events adds the history."""
-        tenant_id = current_tenant_id()
         with ctx().db.transaction() as s:
-            job = get_job(s, path.job_id, tenant_id=tenant_id)
+            job = get_job(s, path.job_id, tenant_id=principal().tenant_id)
             if query.include == "events":
                 s.refresh(job, ["events"])
             out = job_out(job, with_events=query.include == "events").model_dump(mode="json")
@@ -107,4 +124,18 @@ def make_blueprint(app: JobgateOpenAPI) -> APIBlueprint:
             del out["events"]
         return jsonify(out)
 
+    def cancel_job(path: JobPath) -> Response:
+        """Cancel a job that has not ended; its reserved credits are released. 409 if it already ended."""
+        with ctx().db.transaction() as s:
+            job = lifecycle.cancel(s, path.job_id, principal().tenant_id)
+            out = job_out(job, with_events=False).model_dump(mode="json")
+        del out["events"]
+        return jsonify(out)
+
+    bp.get("/jobs/<job_id>", responses={200: JobOut, **ERRORS})(
+        limited(app, settings, read_job, weight=read_cost, endpoint_limit=None)
+    )
+    bp.delete("/jobs/<job_id>", responses={200: JobOut, 409: ErrorEnvelope, **ERRORS})(
+        limited(app, settings, cancel_job, weight=read_cost, endpoint_limit=None)
+    )
     return bp

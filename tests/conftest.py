@@ -18,6 +18,7 @@ import pytest
 import redis
 import yaml
 
+from gateway_core.credits import grant
 from gateway_core.db import Database
 from gateway_core.migrate import upgrade
 from gateway_core.models import Job
@@ -116,6 +117,7 @@ def config_file(tmp_session: Path, replicas: dict[str, str], database_url: str, 
             "transcribe": {
                 "kind": "transcribe",
                 **fast,
+                "pricing": {"unit": "audio_second", "rate": 5.555556},
                 "replicas": [
                     _replica("transcribe-a", replicas["transcribe-a"]),
                     _replica("transcribe-b", replicas["transcribe-b"]),
@@ -226,12 +228,22 @@ class TenantKey:
         self.headers = {"Authorization": f"Bearer {key}"}
 
 
+def make_tenant(db: Database, tier: str = "pro", credits: int = 1000, **overrides: Any) -> TenantKey:
+    """A tenant of its own, with credits: tests see only their own jobs, as tenants do."""
+    with db.transaction() as s:
+        t = create_tenant(s, f"t-{uuid.uuid4().hex[:10]}", tier)
+        for name, value in overrides.items():
+            setattr(t, name, value)
+        key = create_api_key(s, t)
+    if credits:
+        with db.transaction() as s:
+            grant(s, t.id, credits, note="test fixture")
+    return TenantKey(t.id, key)
+
+
 @pytest.fixture()
 def tenant(db: Database) -> TenantKey:
-    """A tenant of its own per test: tests see only their own jobs, as tenants do."""
-    with db.transaction() as s:
-        t = create_tenant(s, f"t-{uuid.uuid4().hex[:10]}", "pro")
-        return TenantKey(t.id, create_api_key(s, t))
+    return make_tenant(db)
 
 
 def wait_terminal(db: Database, job_id: str, timeout: float = 20) -> Job:

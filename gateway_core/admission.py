@@ -1,0 +1,131 @@
+"""Admission: whether a job may enter, decided and recorded in one transaction under the tenant's row lock —
+idempotent replay, concurrency cap, quotas, credits reserved, job created. Rate limits run before this,
+in the web layer (flask-limiter on Redis)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from gateway_core.credits import check_affordable, lock_tenant, reserve
+from gateway_core.errors import ConcurrencyLimitError, IdempotencyKeyReusedError, QuotaExceededError
+from gateway_core.jobs import create_job
+from gateway_core.models import Job, Tenant, utcnow
+from gateway_core.pricing import estimate
+from gateway_core.settings import Settings, TierConfig
+from gateway_core.states import ACTIVE
+from gateway_core.usage import add_usage, usage_now
+
+IDEMPOTENCY_WINDOW = timedelta(hours=24)
+
+
+@dataclass
+class JobInput:
+    service: str
+    request: dict[str, Any]
+    audio: bytes | None = None
+    audio_content_type: str | None = None
+    audio_seconds: float | None = None
+
+
+@dataclass
+class Admitted:
+    job: Job
+    replayed: bool  # an earlier request with the same Idempotency-Key created it
+
+
+def limits_of(tenant: Tenant, tier: TierConfig) -> dict[str, int | None]:
+    """The tenant's effective limits: its own overrides, else its tier's."""
+    return {
+        "concurrency": tenant.concurrency_limit or tier.concurrency,
+        "daily_credits": tenant.daily_credit_quota if tenant.daily_credit_quota is not None else tier.daily_credits,
+        "monthly_credits": (
+            tenant.monthly_credit_quota if tenant.monthly_credit_quota is not None else tier.monthly_credits
+        ),
+        "daily_jobs": tenant.daily_job_quota if tenant.daily_job_quota is not None else tier.daily_jobs,
+        "monthly_jobs": tenant.monthly_job_quota if tenant.monthly_job_quota is not None else tier.monthly_jobs,
+    }
+
+
+def active_jobs(session: Session, tenant_id: int) -> int:
+    return int(
+        session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.state.in_(ACTIVE)))
+        or 0
+    )
+
+
+def _replay(session: Session, tenant_id: int, key: str, request_hash: str, now: datetime) -> Job | None:
+    job = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+    if job is None:
+        return None
+    if job.created_at < now - IDEMPOTENCY_WINDOW:  # expired: the key is free again
+        session.execute(update(Job).where(Job.id == job.id).values(idempotency_key=None))
+        return None
+    if job.request_hash != request_hash:
+        raise IdempotencyKeyReusedError(
+            "this Idempotency-Key was used with a different request",
+            details={"idempotency_key": key, "job_id": job.id},
+        )
+    return job
+
+
+def _check_quotas(limits: dict[str, int | None], usage: dict[str, Any], cost: int) -> None:
+    for period in ("day", "month"):
+        prefix = "daily" if period == "day" else "monthly"
+        used = usage[period]
+        for what, used_now, adding in (("jobs", used.jobs, 1), ("credits", used.credits, cost)):
+            limit = limits[f"{prefix}_{what}"]
+            if limit is not None and used_now + adding > limit:
+                raise QuotaExceededError(
+                    f"{prefix} {what} quota of {limit} reached ({used_now} used)",
+                    details={"quota": f"{prefix}_{what}", "limit": limit, "used": used_now, "requested": adding},
+                )
+
+
+def admit(
+    session: Session,
+    settings: Settings,
+    *,
+    tenant_id: int,
+    job_input: JobInput,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+) -> Admitted:
+    """Admit a job or raise why not (409/422 idempotency, 429 concurrency or quota, 402 credits)."""
+    now = utcnow()
+    tenant = lock_tenant(session, tenant_id)
+    if idempotency_key and request_hash:
+        earlier = _replay(session, tenant_id, idempotency_key, request_hash, now)
+        if earlier is not None:
+            return Admitted(earlier, replayed=True)
+    limits = limits_of(tenant, settings.tiers[tenant.tier])
+    active = active_jobs(session, tenant_id)
+    cap = limits["concurrency"]
+    if cap is not None and active >= cap:
+        raise ConcurrencyLimitError(
+            f"{active} jobs already in progress; the limit is {cap}", details={"limit": cap, "active": active}
+        )
+    svc = settings.services[job_input.service]
+    cost = estimate(svc, job_input.request, job_input.audio_seconds)
+    _check_quotas(limits, usage_now(session, tenant_id, now), cost)
+    check_affordable(tenant, cost)
+    job = create_job(
+        session,
+        tenant_id=tenant_id,
+        service=job_input.service,
+        request=job_input.request,
+        input_data=job_input.audio,
+        input_content_type=job_input.audio_content_type,
+        audio_seconds=job_input.audio_seconds,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        now=now,
+    )
+    reserve(session, tenant, job, cost)
+    add_usage(session, tenant_id, now, jobs=1, credits=cost)
+    session.flush()
+    return Admitted(job, replayed=False)
