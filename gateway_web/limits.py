@@ -12,6 +12,7 @@ fallback); credits and concurrency are decided in the database and do not depend
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,10 +49,17 @@ def make_limiter(app: Flask, settings: Settings) -> Limiter:
 
     @app.after_request
     def _headers(resp: Response) -> Response:
-        current = limiter.current_limit if rl.enabled else None
+        if not rl.enabled:
+            return resp
+        try:
+            # The limit closest to running out is the one a client must pace itself by.
+            evaluated = limiter.current_limits
+            current = min(evaluated, key=lambda lim: lim.remaining) if evaluated else None
+        except Exception:  # storage went away after the check: no headers rather than a 500
+            current = None
         if current is not None:
             try:
-                reset = max(0, current.reset_at - int(time.time()))
+                reset = max(0, math.ceil(current.window[0] - time.time()))
                 resp.headers["RateLimit-Limit"] = str(current.limit.amount)
                 resp.headers["RateLimit-Remaining"] = str(max(0, current.remaining))
                 resp.headers["RateLimit-Reset"] = str(reset)

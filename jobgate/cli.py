@@ -66,16 +66,40 @@ def keys() -> None:
 
 @keys.command("create")
 @click.option("--tenant", "tenant_name", required=True)
-def keys_create(tenant_name: str) -> None:
+@click.option("--scope", "scopes", multiple=True, type=click.Choice(["admin"]), help="extra scope (repeatable)")
+def keys_create(tenant_name: str, scopes: tuple[str, ...]) -> None:
     """Create an API key for a tenant and print it (it is stored only as a hash)."""
     from gateway_core.tenants import create_api_key, tenant_by_name
 
     try:
         with Database(_settings().database_url).transaction() as s:
-            key = create_api_key(s, tenant_by_name(s, tenant_name))
+            key = create_api_key(s, tenant_by_name(s, tenant_name), scopes)
     except GatewayError as exc:
         raise click.ClickException(exc.message) from None
     click.echo(key)
+
+
+@main.group()
+def credits() -> None:
+    """Credits."""
+
+
+@credits.command("grant")
+@click.argument("tenant_name")
+@click.argument("amount", type=int)
+@click.option("--kind", type=click.Choice(["grant", "refund", "adjustment"]), default="grant", show_default=True)
+@click.option("--note", default=None)
+def credits_grant(tenant_name: str, amount: int, kind: str, note: str | None) -> None:
+    """Add credits to a tenant (an adjustment may be negative)."""
+    from gateway_core.credits import grant
+    from gateway_core.tenants import tenant_by_name
+
+    try:
+        with Database(_settings().database_url).transaction() as s:
+            tenant = grant(s, tenant_by_name(s, tenant_name).id, amount, kind=kind, note=note)
+            click.echo(f"tenant {tenant.name}: balance {tenant.credits_balance}, reserved {tenant.credits_reserved}")
+    except GatewayError as exc:
+        raise click.ClickException(exc.message) from None
 
 
 @main.command()

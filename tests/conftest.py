@@ -26,10 +26,11 @@ from gateway_core.settings import Settings, load_settings
 from gateway_core.states import TERMINAL
 from gateway_core.tenants import create_api_key, create_tenant
 from gateway_web import create_app
-from tests.procs import BIN, Proc, start_replica
+from tests.procs import Proc, start_replica, start_worker
 
 PG = os.environ.get("JOBGATE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 REDIS = os.environ.get("JOBGATE_TEST_REDIS", "redis://127.0.0.1:6379")
+ISOLATED_QUEUE = "svc.isolated"
 
 
 def _admin_pg() -> Any:
@@ -80,6 +81,7 @@ def replicas(tmp_session: Path) -> Iterator[dict[str, str]]:
         "down-1": ("codegen", {"fail_rate": 1.0}),
         "down-2": ("codegen", {"fail_rate": 1.0}),
         "slow": ("codegen", {"latency_ms": 1500}),
+        "slower": ("codegen", {"latency_ms": 4000}),
     }
     procs: list[Proc] = []
     urls: dict[str, str] = {}
@@ -153,6 +155,33 @@ def config_file(tmp_session: Path, replicas: dict[str, str], database_url: str, 
             },
         },
     }
+    services = config["services"]
+    services["codegen-heavy"] = {
+        "kind": "codegen",
+        **fast,
+        "cost_weight": 3,
+        "replicas": [_replica("codegen-a", replicas["codegen-a"])],
+    }
+    services["codegen-limited"] = {
+        "kind": "codegen",
+        **fast,
+        "rate_limit": "2/minute",
+        "replicas": [_replica("codegen-a", replicas["codegen-a"])],
+    }
+    services["codegen-tokens"] = {
+        "kind": "codegen",
+        **fast,
+        "pricing": {"unit": "token", "rate": 1},
+        "replicas": [_replica("codegen-a", replicas["codegen-a"])],
+    }
+    # Served only by workers a test starts itself (the session worker does not read svc.isolated).
+    services["codegen-isolated"] = {
+        "kind": "codegen",
+        **fast,
+        "queue": ISOLATED_QUEUE,
+        "replicas": [_replica("slower", replicas["slower"])],
+    }
+    config["tiers"] = {"free": {"rate_limit": "6/minute", "concurrency": 2}}
     path = tmp_session / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -173,32 +202,9 @@ def worker_env(config_file: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def worker(settings: Settings, worker_env: dict[str, str], tmp_session: Path) -> Iterator[Proc]:
     """A real Celery worker (prefork) consuming every queue, with beat embedded for the sweeper."""
-    queues = ",".join([*settings.queues, "jobgate.maintenance"])
-    proc = Proc(
-        [
-            str(BIN / "celery"),
-            "-A",
-            "gateway_tasks.worker",
-            "worker",
-            "-Q",
-            queues,
-            "-c",
-            "4",
-            "-B",
-            "-s",
-            str(tmp_session / "beat-schedule"),
-            "--loglevel",
-            "INFO",
-            "--without-mingle",
-            "--without-gossip",
-            "-n",
-            f"test-{uuid.uuid4().hex[:6]}@%h",
-        ],
-        tmp_session / "worker.log",
-        env=worker_env,
-    )
+    queues = [q for q in settings.queues if q != ISOLATED_QUEUE] + ["jobgate.maintenance"]
+    proc = start_worker(worker_env, queues, tmp_session / "worker.log", beat_schedule=tmp_session / "beat-schedule")
     try:
-        proc.wait_for(lambda o: " ready." in o, 60, "celery worker")
         yield proc
     finally:
         proc.stop()

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -91,3 +92,35 @@ def start_replica(
     out = proc.wait_for(lambda o: "listening on http://" in o, 30, f"replica {name}")
     url = out.split("listening on ", 1)[1].split()[0]
     return proc, url
+
+
+def start_worker(
+    env: dict[str, str], queues: list[str], log: Path, *, beat_schedule: Path | None = None, concurrency: int = 4
+) -> Proc:
+    """A real Celery worker (prefork) on ``queues``, with beat embedded when a schedule file is given;
+    returns once it is ready."""
+    args = [
+        str(BIN / "celery"),
+        "-A",
+        "gateway_tasks.worker",
+        "worker",
+        "-Q",
+        ",".join(queues),
+        "-c",
+        str(concurrency),
+        "--loglevel",
+        "INFO",
+        "--without-mingle",
+        "--without-gossip",
+        "-n",
+        f"test-{uuid.uuid4().hex[:6]}@%h",
+    ]
+    if beat_schedule is not None:
+        args += ["-B", "-s", str(beat_schedule)]
+    proc = Proc(args, log, env=env)
+    try:
+        proc.wait_for(lambda o: " ready." in o, 60, "celery worker")
+    except Exception:
+        proc.stop()
+        raise
+    return proc
