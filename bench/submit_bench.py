@@ -35,6 +35,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gateway_core.credits import grant  # noqa: E402
 from gateway_core.db import Database  # noqa: E402
 from gateway_core.migrate import upgrade  # noqa: E402
 from gateway_core.tenants import create_api_key, create_tenant  # noqa: E402
@@ -52,10 +53,14 @@ def _admin() -> Any:
 
 
 WRK_SCRIPT = """
-wrk.method = "POST"
-wrk.body = [[%s]]
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "%s"
+local keys = {%s}
+local body = [[%s]]
+local n = 0
+request = function()
+  n = n + 1
+  local headers = {["Content-Type"] = "application/json", ["Authorization"] = keys[(n %% #keys) + 1]}
+  return wrk.format("POST", nil, headers, body)
+end
 """
 
 
@@ -65,11 +70,11 @@ def _ms(value: str) -> float:
 
 
 def drive_wrk(
-    url: str, headers: dict[str, str], body: dict[str, Any], seconds: float, concurrency: int, tmp: Path
+    url: str, auth: list[str], body: dict[str, Any], seconds: float, concurrency: int, tmp: Path
 ) -> dict[str, Any]:
-    """wrk for `seconds` with `concurrency` keep-alive connections on 2 threads."""
+    """wrk for `seconds` with `concurrency` keep-alive connections on 2 threads, rotating the API keys."""
     script = tmp / "post.lua"
-    script.write_text(WRK_SCRIPT % (json.dumps(body), headers["Authorization"]))
+    script.write_text(WRK_SCRIPT % (", ".join(json.dumps(a) for a in auth), json.dumps(body)))
     out = subprocess.run(
         ["wrk", "-t2", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s", str(script), url],
         capture_output=True,
@@ -91,18 +96,18 @@ def drive_wrk(
     }
 
 
-def drive(url: str, headers: dict[str, str], body: dict[str, Any], n: int, concurrency: int) -> dict[str, Any]:
-    """n POSTs from `concurrency` threads, each with its own keep-alive connection."""
+def drive(url: str, auth: list[str], body: dict[str, Any], n: int, concurrency: int) -> dict[str, Any]:
+    """n POSTs from `concurrency` threads, each with its own keep-alive connection and API key."""
     latencies: list[float] = []
     errors = 0
     lock = threading.Lock()
     per = n // concurrency
 
-    def worker() -> None:
+    def worker(index: int) -> None:
         nonlocal errors
         mine: list[float] = []
         bad = 0
-        with httpx.Client(headers=headers, timeout=30) as c:
+        with httpx.Client(headers={"Authorization": auth[index % len(auth)]}, timeout=30) as c:
             for _ in range(per):
                 t0 = time.perf_counter()
                 r = c.post(url, json=body)
@@ -112,7 +117,7 @@ def drive(url: str, headers: dict[str, str], body: dict[str, Any], n: int, concu
             latencies.extend(mine)
             errors += bad
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -129,12 +134,77 @@ def drive(url: str, headers: dict[str, str], body: dict[str, Any], n: int, concu
     }
 
 
+def _finish_jobs(dbname: str, stop: threading.Event) -> None:
+    conn = psycopg2.connect(PG.replace("postgresql+psycopg2", "postgresql") + f"/{dbname}")
+    conn.autocommit = True
+    while not stop.wait(0.2):
+        conn.cursor().execute("UPDATE jobs SET state = 'SUCCEEDED' WHERE state = 'QUEUED'")
+    conn.close()
+
+
+def measure_admission(config: Path, key: str, samples: int) -> dict[str, float]:
+    """What admission adds to a submit, measured in-process so server noise does not swamp it:
+    the database part (lock, concurrency count, quotas, reservation, ledger, usage) as admit() against
+    recording the job alone, and the rate limits as one request with limits on against off."""
+    from gateway_core.admission import JobInput, admit
+    from gateway_core.jobs import create_job
+    from gateway_core.models import Job
+    from gateway_core.settings import load_settings
+    from gateway_core.tenants import authenticate_key
+    from gateway_web import create_app
+
+    settings = load_settings(config, environ={})
+    db = Database(settings.database_url)
+    job_input = JobInput("codegen", {"prompt": "x", "max_tokens": 128})
+
+    def record() -> None:
+        with db.transaction() as s:
+            p = authenticate_key(s, key)
+            create_job(s, tenant_id=p.tenant_id, service="codegen", request=job_input.request)
+
+    def admitted() -> None:
+        with db.transaction() as s:
+            p = authenticate_key(s, key)
+            admit(s, settings, tenant_id=p.tenant_id, job_input=job_input)
+
+    off = settings.model_copy(update={"rate_limits": settings.rate_limits.model_copy(update={"enabled": False})})
+    clients = {"on": create_app(settings).test_client(), "off": create_app(off).test_client()}
+    headers = {"Authorization": f"Bearer {key}"}
+    fns = {
+        "record job (no admission)": record,
+        "admit job (admission)": admitted,
+        "request, rate limits on": lambda: clients["on"].get("/v1/credits?limit=1", headers=headers),
+        "request, rate limits off": lambda: clients["off"].get("/v1/credits?limit=1", headers=headers),
+    }
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(10):  # interleaved rounds: noise hits every variant alike
+        for name, fn in fns.items():
+            for i in range(samples // 10 + (5 if round_ == 0 else 0)):
+                t0 = time.perf_counter()
+                fn()
+                if round_ or i >= 5:  # the first five of the first round warm up
+                    times[name].append(time.perf_counter() - t0)
+                if i % 20 == 19:  # keep the tenant's active jobs under its cap, as workers would
+                    with db.transaction() as s:
+                        s.query(Job).filter(Job.state == "QUEUED").update({"state": "SUCCEEDED"})
+    med = {name: 1000 * statistics.median(ts) for name, ts in times.items()}
+    db.dispose()
+    med["admission in the database (admit - record)"] = med["admit job (admission)"] - med["record job (no admission)"]
+    med["rate limits (on - off)"] = med["request, rate limits on"] - med["request, rate limits off"]
+    med["admission added to a submit"] = (
+        med["admission in the database (admit - record)"] + med["rate limits (on - off)"]
+    )
+    return med
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--requests", type=int, default=1500, help="per round and target (python client)")
     ap.add_argument("--seconds", type=float, default=8, help="per round and target (wrk client)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--admission-samples", type=int, default=600)
+    ap.add_argument("--tenants", type=int, default=32, help="API keys (tenants) the load rotates over")
     ap.add_argument("--client", choices=["wrk", "python"], default="wrk" if shutil.which("wrk") else "python")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "submit.json")
     args = ap.parse_args()
@@ -151,13 +221,26 @@ def main() -> int:
         broker = f"{REDIS}/12"
         config = yaml.safe_load((ROOT / "gateway.yaml").read_text())
         config.update(database_url=db_url, redis_url=f"{REDIS}/11", broker_url=broker)
+        # Limits are evaluated on every request (their cost is measured) but set high enough not to refuse.
+        config["tiers"] = {"enterprise": {"rate_limit": "10000000/minute;100000000/hour", "concurrency": 50}}
         (tmp / "gateway.yaml").write_text(yaml.safe_dump(config))
         env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL")}
         env["JOBGATE_CONFIG"] = str(tmp / "gateway.yaml")
         db = Database(db_url)
-        with db.transaction() as s:
-            key = create_api_key(s, create_tenant(s, "bench", "enterprise"))
+        keys = []
+        for i in range(args.tenants):  # a gateway serves many tenants; each one's admissions serialize
+            with db.transaction() as s:
+                tenant = create_tenant(s, f"bench-{i}", "enterprise")
+                keys.append(create_api_key(s, tenant))
+            with db.transaction() as s:
+                grant(s, tenant.id, 10**12)
         db.dispose()
+        admission = measure_admission(tmp / "gateway.yaml", keys[0], args.admission_samples)
+        # Nothing runs the queued jobs; finish them every 0.2 s, as workers would, so that tenants'
+        # active-job counts stay under their concurrency caps.
+        stop_finishing = threading.Event()
+        finisher = threading.Thread(target=_finish_jobs, args=(dbname, stop_finishing), daemon=True)
+        finisher.start()
 
         ports = {"full": free_port(), "baseline": free_port()}
         apps = {"full": "gateway_web:create_app()", "baseline": "bench.baseline:create_baseline()"}
@@ -174,14 +257,14 @@ def main() -> int:
             "full": f"http://127.0.0.1:{ports['full']}/v1/jobs/codegen",
             "baseline": f"http://127.0.0.1:{ports['baseline']}/baseline",
         }
-        headers = {"Authorization": f"Bearer {key}"}
+        auth = [f"Bearer {key}" for key in keys]
         body = {"prompt": "write a function that reverses a list", "max_tokens": 128}
         queue = redis.Redis.from_url(broker)
 
         def run(name: str, warmup: bool = False) -> dict[str, Any]:
             if args.client == "wrk":
-                return drive_wrk(urls[name], headers, body, 2 if warmup else args.seconds, args.concurrency, tmp)
-            return drive(urls[name], headers, body, 200 if warmup else args.requests, args.concurrency)
+                return drive_wrk(urls[name], auth, body, 2 if warmup else args.seconds, args.concurrency, tmp)
+            return drive(urls[name], auth, body, 200 if warmup else args.requests, args.concurrency)
 
         for name in urls:  # warm up connections, imports and pools
             run(name, warmup=True)
@@ -192,6 +275,7 @@ def main() -> int:
                 rounds[name].append(run(name))
                 queue.flushdb()
 
+        stop_finishing.set()
         summary = {
             name: {metric: statistics.median(r[metric] for r in rs) for metric in ("rps", "p50_ms", "p99_ms")}
             | {"errors": sum(r["errors"] for r in rs), "requests": sum(r["requests"] for r in rs)}
@@ -215,6 +299,9 @@ def main() -> int:
             f"full / baseline: throughput x{ratio['rps_full_over_baseline']:.2f}, "
             f"p50 x{ratio['p50_full_over_baseline']:.2f} (+{ratio['p50_added_ms']:.2f} ms)"
         )
+        print(f"\nadmission step, in-process medians of {args.admission_samples} (ms)")
+        for name, value in admission.items():
+            print(f"  {name:<34} {value:>7.3f}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(
             json.dumps(
@@ -225,10 +312,12 @@ def main() -> int:
                     "concurrency": args.concurrency,
                     "round_size": size,
                     "rounds": args.rounds,
+                    "tenants": args.tenants,
                     "server": "gunicorn gthread 2 workers x 8 threads",
                     "cpus": os.cpu_count(),
                     "summary": summary,
                     "ratio": ratio,
+                    "admission": admission,
                     "rounds_raw": rounds,
                 },
                 indent=2,

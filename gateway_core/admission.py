@@ -8,17 +8,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Integer, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
-from gateway_core.credits import check_affordable, lock_tenant, reserve
-from gateway_core.errors import ConcurrencyLimitError, IdempotencyKeyReusedError, QuotaExceededError
+from gateway_core.credits import check_affordable, reserve
+from gateway_core.errors import ConcurrencyLimitError, IdempotencyKeyReusedError, NotFoundError, QuotaExceededError
 from gateway_core.jobs import create_job
 from gateway_core.models import Job, Tenant, utcnow
 from gateway_core.pricing import estimate
 from gateway_core.settings import Settings, TierConfig
 from gateway_core.states import ACTIVE
-from gateway_core.usage import add_usage, usage_now
+from gateway_core.usage import PeriodUsage, add_usage, usage_columns, usage_from_row, usage_params
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 
@@ -51,11 +51,32 @@ def limits_of(tenant: Tenant, tier: TierConfig) -> dict[str, int | None]:
     }
 
 
-def active_jobs(session: Session, tenant_id: int) -> int:
-    return int(
-        session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.state.in_(ACTIVE)))
-        or 0
+def active_jobs_column(tenant_id: Any) -> Any:
+    return (
+        select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.state.in_(ACTIVE)).scalar_subquery()
     )
+
+
+def active_jobs(session: Session, tenant_id: int) -> int:
+    return int(session.scalar(select(active_jobs_column(tenant_id))) or 0)
+
+
+# Built once: the same statement for every admission, so SQLAlchemy compiles it once.
+_TENANT = bindparam("tenant_id", type_=Integer)
+_LOCK_AND_READ = (
+    select(Tenant, active_jobs_column(_TENANT), *usage_columns(_TENANT))
+    .where(Tenant.id == _TENANT)
+    .with_for_update(of=Tenant)
+    .execution_options(populate_existing=True)
+)
+
+
+def _lock_and_read(session: Session, tenant_id: int, now: datetime) -> tuple[Tenant, int, dict[str, PeriodUsage]]:
+    """Lock the tenant and read its active jobs and usage in one statement (one round trip)."""
+    row = session.execute(_LOCK_AND_READ, {"tenant_id": tenant_id, **usage_params(now)}).one_or_none()
+    if row is None:
+        raise NotFoundError(f"no tenant {tenant_id}", details={"tenant_id": tenant_id})
+    return row[0], int(row[1]), usage_from_row(tuple(row[2:]))
 
 
 def _replay(session: Session, tenant_id: int, key: str, request_hash: str, now: datetime) -> Job | None:
@@ -97,13 +118,12 @@ def admit(
 ) -> Admitted:
     """Admit a job or raise why not (409/422 idempotency, 429 concurrency or quota, 402 credits)."""
     now = utcnow()
-    tenant = lock_tenant(session, tenant_id)
+    tenant, active, usage = _lock_and_read(session, tenant_id, now)
     if idempotency_key and request_hash:
         earlier = _replay(session, tenant_id, idempotency_key, request_hash, now)
         if earlier is not None:
             return Admitted(earlier, replayed=True)
     limits = limits_of(tenant, settings.tiers[tenant.tier])
-    active = active_jobs(session, tenant_id)
     cap = limits["concurrency"]
     if cap is not None and active >= cap:
         raise ConcurrencyLimitError(
@@ -111,7 +131,7 @@ def admit(
         )
     svc = settings.services[job_input.service]
     cost = estimate(svc, job_input.request, job_input.audio_seconds)
-    _check_quotas(limits, usage_now(session, tenant_id, now), cost)
+    _check_quotas(limits, usage, cost)
     check_affordable(tenant, cost)
     job = create_job(
         session,
@@ -123,6 +143,7 @@ def admit(
         audio_seconds=job_input.audio_seconds,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
+        credits_reserved=cost,
         now=now,
     )
     reserve(session, tenant, job, cost)

@@ -86,9 +86,9 @@ def check_affordable(tenant: Tenant, cost: int) -> None:
 
 
 def reserve(session: Session, tenant: Tenant, job: Job, cost: int) -> None:
-    """Hold ``cost`` credits of a locked tenant for ``job``; InsufficientCreditsError (402) when short."""
+    """Hold ``cost`` credits of a locked tenant for ``job`` (created with credits_reserved=cost);
+    InsufficientCreditsError (402) when short."""
     check_affordable(tenant, cost)
-    job.credits_reserved = cost
     if cost:
         _record(session, tenant, "reserve", -cost, cost, job_id=job.id, now=job.created_at)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -26,7 +28,32 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 10})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=10)
+    engine = create_engine(url, pool_size=10, max_overflow=20, pool_timeout=10, pool_recycle=1800)
+    event.listen(engine.pool, "checkin", _stamp)
+    event.listen(engine.pool, "checkout", _ping_if_idle)
+    return engine
+
+
+IDLE_PING_SECONDS = 10.0
+
+
+def _stamp(dbapi_conn: Any, record: Any) -> None:
+    record.info["checked_in_at"] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_conn: Any, record: Any, proxy: Any) -> None:
+    """pool_pre_ping costs a round trip per transaction (a third of a submit's); ping only connections
+    that sat idle, where a server restart or a firewall is likely to have cut them. A connection cut
+    while busy fails its statement once: the pool is invalidated and the caller gets a 503 (web) or a
+    retry (worker)."""
+    if time.monotonic() - record.info.get("checked_in_at", 0.0) < IDLE_PING_SECONDS:
+        return
+    try:
+        cur = dbapi_conn.cursor()
+        cur.execute("SELECT 1")
+        cur.close()
+    except Exception as exc:
+        raise DisconnectionError(str(exc)) from exc
 
 
 class Database:

@@ -32,6 +32,7 @@ def create_job(
     audio_seconds: float | None = None,
     idempotency_key: str | None = None,
     request_hash: str | None = None,
+    credits_reserved: int = 0,
     now: datetime | None = None,
 ) -> Job:
     """Record an admitted job in QUEUED, with its RECEIVED and QUEUED events; not yet sent to the broker."""
@@ -40,6 +41,7 @@ def create_job(
         id=str(uuid.uuid4()),
         idempotency_key=idempotency_key,
         request_hash=request_hash,
+        credits_reserved=credits_reserved,
         tenant_id=tenant_id,
         service=service,
         state=S.QUEUED,

@@ -5,12 +5,14 @@ It runs as an app-level before_request, ahead of the rate limiter, so limits are
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import cast
 
 from flask import Flask, g, request
 
 from gateway_core.errors import ForbiddenError
-from gateway_core.tenants import Principal, authenticate_key
+from gateway_core.tenants import Principal, authenticate_key, hash_key
 from gateway_web.context import ctx
 
 SECURITY: list[dict[str, list[str]]] = [{"bearer": []}]
@@ -37,12 +39,39 @@ def require_scope(scope: str) -> Principal:
     return p
 
 
+class PrincipalCache:
+    """Recently authenticated keys, for ``ttl`` seconds: a key check is a database round trip per request
+    otherwise. A revoked key keeps working for at most ``ttl`` seconds in a process that saw it."""
+
+    def __init__(self, ttl: float = 5.0, size: int = 10_000):
+        self.ttl, self.size = ttl, size
+        self._entries: dict[str, tuple[float, Principal]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> Principal | None:
+        hit = self._entries.get(digest)
+        return hit[1] if hit and hit[0] > time.monotonic() else None
+
+    def put(self, digest: str, p: Principal) -> None:
+        with self._lock:
+            if len(self._entries) >= self.size:
+                self._entries.clear()
+            self._entries[digest] = (time.monotonic() + self.ttl, p)
+
+
 def init_auth(app: Flask) -> None:
     """Register the authentication hook; call before the limiter's init_app so it runs first."""
+    cache = PrincipalCache()
 
     @app.before_request
     def _authenticate() -> None:
         if request.routing_exception is not None or request.blueprint not in AUTHENTICATED:
             return
-        with ctx().db.transaction() as s:
-            g.principal = authenticate_key(s, bearer_token())
+        token = bearer_token()
+        digest = hash_key(token) if token else ""
+        cached = cache.get(digest) if token else None
+        if cached is None:
+            with ctx().db.transaction() as s:
+                cached = authenticate_key(s, token)
+            cache.put(digest, cached)
+        g.principal = cached

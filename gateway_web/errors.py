@@ -8,6 +8,7 @@ from typing import Any
 
 from flask import Flask, Response, g, jsonify
 from pydantic import BaseModel, Field, ValidationError
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from gateway_core.errors import GatewayError
@@ -86,6 +87,13 @@ def register_error_handlers(app: Flask) -> None:
         if status == 405 and getattr(exc, "valid_methods", None):
             details["allowed_methods"] = sorted(exc.valid_methods)  # type: ignore[attr-defined]
         return error_response(status, HTTP_CODES.get(status, "HTTP_ERROR"), exc.description or exc.name, details)
+
+    @app.errorhandler(OperationalError)
+    def _database_down(exc: OperationalError) -> Response:
+        log.warning("database unavailable: %s", exc.orig)
+        resp = error_response(503, "DATABASE_UNAVAILABLE", "the database is unavailable; retry shortly")
+        resp.headers["Retry-After"] = "1"
+        return resp
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

@@ -52,9 +52,12 @@ def make_limiter(app: Flask, settings: Settings) -> Limiter:
         if not rl.enabled:
             return resp
         try:
-            # The limit closest to running out is the one a client must pace itself by.
+            # The headers describe the limit that was hit, else the tenant's own tier budget. Each limit
+            # described costs a Redis round trip, so only one is.
             evaluated = limiter.current_limits
-            current = min(evaluated, key=lambda lim: lim.remaining) if evaluated else None
+            breached = [lim for lim in evaluated if lim.breached]
+            tier = [lim for lim in evaluated if "/tier/" in lim.key]
+            current = (breached or tier or evaluated or [None])[0]  # type: ignore[list-item]
         except Exception:  # storage went away after the check: no headers rather than a 500
             current = None
         if current is not None:
