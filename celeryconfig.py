@@ -35,7 +35,9 @@ task_track_started = False
 task_default_queue = MAINTENANCE_QUEUE
 task_create_missing_queues = True
 worker_send_task_events = True  # for Flower
-task_send_sent_event = True
+# No task-sent events: each would cost the web a second publish per submit; Flower still sees a task
+# from the worker's received/started/succeeded events.
+task_send_sent_event = False
 enable_utc = True
 timezone = "UTC"
 

@@ -76,7 +76,7 @@ def drive_wrk(
     script = tmp / "post.lua"
     script.write_text(WRK_SCRIPT % (", ".join(json.dumps(a) for a in auth), json.dumps(body)))
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        ["wrk", "-t2", f"-c{concurrency}", f"-d{seconds:g}s", "--latency", "-s", str(script), url],
         capture_output=True,
         text=True,
         check=True,

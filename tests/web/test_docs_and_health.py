@@ -27,6 +27,16 @@ def test_openapi_lists_every_endpoint_with_its_schemas(client: Any, settings: Se
     assert read["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/JobOut")
     assert {p["name"] for p in read["parameters"]} == {"job_id", "include"}
     assert {"/health", "/ready"} <= set(paths)
+    credits = paths["/v1/credits"]["get"]
+    assert credits["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/CreditsOut")
+    assert {p["name"] for p in credits["parameters"]} == {"cursor", "limit"}
+    cancel = paths["/v1/jobs/{job_id}"]["delete"]
+    assert {"200", "409", "404"} <= set(cancel["responses"])
+    grant = paths["/v1/admin/tenants/{tenant_id}/credits"]["post"]
+    assert grant["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/GrantBody")
+    assert {"201", "403"} <= set(grant["responses"])
+    for service in settings.services:
+        assert {"402", "409", "429"} <= set(paths[f"/v1/jobs/{service}"]["post"]["responses"])
     assert client.get("/docs").status_code == 302
     assert b"swagger" in client.get("/docs/swagger").data.lower()
 
