@@ -75,7 +75,13 @@ def from_settings(settings: Settings) -> dict[str, Any]:
         "broker_url": settings.celery_broker_url,
         "broker_transport_options": transport,
         "broker_connection_timeout": gw.publish_timeout_seconds,
-        "task_routes": (dispatch_router(settings), {"jobgate.sweep_jobs": {"queue": MAINTENANCE_QUEUE}}),
+        "task_routes": (
+            dispatch_router(settings),
+            {
+                "jobgate.sweep_jobs": {"queue": MAINTENANCE_QUEUE},
+                "jobgate.probe_replicas": {"queue": MAINTENANCE_QUEUE},
+            },
+        ),
         # A task outliving its lease would race the sweeper's re-send: hard limit stays under the lease.
         "task_annotations": {
             "jobgate.dispatch_job": {
@@ -83,8 +89,17 @@ def from_settings(settings: Settings) -> dict[str, Any]:
                 "time_limit": max_timeout + min(10.0, gw.lease_margin_seconds - 1),
             },
             "jobgate.sweep_jobs": {"soft_time_limit": 30, "time_limit": 40},
+            "jobgate.probe_replicas": {
+                "soft_time_limit": gw.health.timeout_seconds + 10,
+                "time_limit": gw.health.timeout_seconds + 20,
+            },
         },
         "beat_schedule": {
+            "probe-replicas": {
+                "task": "jobgate.probe_replicas",
+                "schedule": gw.health.interval_seconds,
+                "options": {"queue": MAINTENANCE_QUEUE, "expires": gw.health.interval_seconds},
+            },
             "sweep-jobs": {
                 "task": "jobgate.sweep_jobs",
                 "schedule": gw.sweep_interval_seconds,

@@ -139,8 +139,8 @@ def mark_enqueued(session: Session, job_id: str, now: datetime | None = None) ->
 def jobs_to_resend(
     session: Session, *, unsent_before: datetime, resent_before: datetime, now: datetime, limit: int = 500
 ) -> list[Job]:
-    """Jobs no message is driving: committed but never handed to the broker, or whose worker's lease ran out
-    (and that were not already re-sent since ``resent_before``)."""
+    """Jobs no message is driving: committed but never handed to the broker; in flight with their worker's
+    lease run out (and not re-sent since ``resent_before``); HELD and due for another try."""
     stmt = (
         select(Job)
         .where(
@@ -149,6 +149,9 @@ def jobs_to_resend(
                 Job.state.in_(list(IN_FLIGHT))
                 & (Job.lease_expires_at < now)
                 & (Job.enqueued_at.is_(None) | (Job.enqueued_at < resent_before)),
+                (Job.state == S.HELD)
+                & (Job.next_attempt_at <= now)
+                & (Job.enqueued_at.is_(None) | (Job.enqueued_at < Job.next_attempt_at)),
             )
         )
         .order_by(Job.updated_at)

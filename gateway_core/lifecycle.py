@@ -6,8 +6,10 @@ changes neither the job nor the credits: effects happen exactly once.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from gateway_core.credits import release, settle
@@ -49,6 +51,39 @@ def fail(session: Session, job: Job, code: str, message: str, *, detail: dict[st
     if done is not None:
         release(session, done)
     return done
+
+
+def hold(
+    session: Session, job: Job, *, now: datetime, retry_in: float, max_hold: float, replicas: dict[str, str]
+) -> Job | None:
+    """No replica can take the job: HELD until ``now + retry_in`` (beat re-sends it from the database), or
+    FAILED with NO_REPLICA_AVAILABLE once it has waited ``max_hold`` seconds. Attempts are not consumed."""
+    held_since = job.held_since or now
+    if (now - held_since).total_seconds() >= max_hold:
+        return fail(
+            session,
+            job,
+            "NO_REPLICA_AVAILABLE",
+            f"no replica could take the job for {max_hold:g} s",
+            detail={"outcome": "no_replica", "replicas": replicas},
+        )
+    schedule = {
+        "held_since": held_since,
+        "next_attempt_at": now + timedelta(seconds=retry_in),
+        "enqueued_at": None,
+        "lease_expires_at": None,
+    }
+    if job.state == S.HELD:  # still held: move the next try, without another event
+        res = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.state == S.HELD, Job.attempts == job.attempts)
+            .values(updated_at=now, **schedule)
+            .execution_options(synchronize_session=False)
+        )
+        return session.get(Job, job.id, populate_existing=True) if res.rowcount == 1 else None  # type: ignore[attr-defined]
+    return transition(
+        session, job, S.HELD, now=now, values=schedule, detail={"outcome": "no_replica", "replicas": replicas}
+    )
 
 
 def cancel(session: Session, job_id: str, tenant_id: int) -> Job:

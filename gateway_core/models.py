@@ -124,6 +124,9 @@ class Job(Base):
     replica: Mapped[str | None] = mapped_column(String(64), default=None)
     # Until when the worker that moved the job in flight owns it; past it the sweeper re-sends the job.
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    # A HELD job waits in the database, not the broker: since when, and when beat re-sends it.
+    held_since: Mapped[datetime | None] = mapped_column(default=None)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(default=None)
     # When the dispatch message was last handed to the broker; NULL means the sweeper must send it.
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     result: Mapped[dict[str, Any] | None] = mapped_column(default=None)

@@ -56,6 +56,10 @@ class ServiceConfig(_Strict):
     max_attempts: int = Field(default=3, ge=1, le=20)
     backoff_base_seconds: float = Field(default=1.0, ge=0, le=60)
     backoff_max_seconds: float = Field(default=10.0, ge=0, le=600)
+    strategy: Literal["least_outstanding", "round_robin"] = "least_outstanding"
+    max_hold_seconds: float = Field(
+        default=600, ge=0, le=86400, description="how long a job may wait HELD for a replica before it fails"
+    )
     replicas: list[ReplicaConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -113,6 +117,15 @@ class RateLimitConfig(_Strict):
         return _check_limit(value) if value else value
 
 
+class HealthConfig(_Strict):
+    """Active probes of every replica's /health, from beat (seed 002's thresholds)."""
+
+    interval_seconds: float = Field(default=5.0, gt=0, le=600)
+    timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    unhealthy_threshold: int = Field(default=3, ge=1, le=100)
+    healthy_threshold: int = Field(default=2, ge=1, le=100)
+
+
 class GatewayConfig(_Strict):
     max_body_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
     audio_fetch_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
@@ -124,6 +137,10 @@ class GatewayConfig(_Strict):
     sweep_unsent_after_seconds: float = Field(default=10.0, ge=0, le=3600)
     lease_margin_seconds: float = Field(default=15.0, ge=1, le=3600)
     publish_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    # A held job is retried after this long (doubling up to hold_retry_max_seconds), from PostgreSQL by beat.
+    hold_retry_seconds: float = Field(default=1.0, gt=0, le=600)
+    hold_retry_max_seconds: float = Field(default=5.0, gt=0, le=3600)
+    health: HealthConfig = HealthConfig()
 
 
 class Settings(_Strict):

@@ -1,26 +1,62 @@
-"""Choosing a replica: round-robin over a counter in Redis, shared by every worker on every machine."""
+"""Choosing a replica (issue 4, item 2): healthy, below max_concurrency, and by the service's strategy —
+least outstanding requests per unit of weight (default) or round-robin over a counter in Redis."""
 
 from __future__ import annotations
 
 import logging
 import random
+import time
+from dataclasses import dataclass, field
 
 import redis
 
-from gateway_core.settings import ReplicaConfig
+from gateway_core.settings import ReplicaConfig, ServiceConfig
+from gateway_tasks.registry import Registry
 
 log = logging.getLogger(__name__)
 
 
-def pick_replica(
-    r: redis.Redis, service: str, replicas: list[ReplicaConfig], exclude: set[str] | None = None
-) -> ReplicaConfig:
-    """The next replica in turn, skipping those in ``exclude`` (failed for this job) while others remain."""
-    candidates = [rep for rep in replicas if rep.name not in (exclude or set())] or list(replicas)
+@dataclass
+class Choice:
+    replica: ReplicaConfig | None
+    token: str | None = None  # the in-flight slot taken; None without Redis
+    reasons: dict[str, str] = field(default_factory=dict)  # why replicas were passed over
+
+
+def _order(
+    registry: Registry, service: str, svc: ServiceConfig, candidates: list[ReplicaConfig], in_flight: dict[str, int]
+) -> list[ReplicaConfig]:
+    if svc.strategy == "round_robin":
+        turn = int(registry.r.incr(f"jobgate:rr:{service}"))  # type: ignore[arg-type]
+        start = (turn - 1) % len(candidates)
+        return candidates[start:] + candidates[:start]
+    shuffled = random.sample(candidates, len(candidates))  # ties broken at random, not by config order
+    return sorted(shuffled, key=lambda rep: in_flight[rep.name] / rep.weight)
+
+
+def choose(
+    registry: Registry, service: str, svc: ServiceConfig, *, token: str, lease_seconds: float, avoid: set[str]
+) -> Choice:
+    """Take a slot on the best replica, preferring those not in ``avoid`` (they failed this job);
+    a Choice without a replica when every one is unhealthy or full."""
+    now = time.time()
     try:
-        turn = int(r.incr(f"jobgate:rr:{service}"))  # type: ignore[arg-type]
+        states = registry.snapshot(service, svc.replicas, now)
     except redis.RedisError as exc:
-        # Balancing without Redis is still balancing: fall back to a random pick rather than stall.
-        log.warning("round-robin counter unavailable (%s); picking at random", exc)
-        return random.choice(candidates)
-    return candidates[(turn - 1) % len(candidates)]
+        # Without Redis there is no shared state: pick at random rather than stall every job.
+        log.warning("replica state unavailable (%s); choosing at random", exc)
+        fresh = [rep for rep in svc.replicas if rep.name not in avoid] or list(svc.replicas)
+        return Choice(random.choice(fresh))
+    reasons = {name: "unhealthy" for name, st in states.items() if not st.healthy}
+    in_rotation = [rep for rep in svc.replicas if states[rep.name].healthy]
+    in_flight = {name: st.in_flight for name, st in states.items()}
+    fresh = [rep for rep in in_rotation if rep.name not in avoid]
+    tried_before = [rep for rep in in_rotation if rep.name in avoid]
+    for group in (fresh, tried_before):
+        if not group:
+            continue
+        for rep in _order(registry, service, svc, group, in_flight):
+            if in_flight[rep.name] < rep.max_concurrency and registry.acquire(service, rep, token, lease_seconds, now):
+                return Choice(rep, token)
+            reasons[rep.name] = "full"
+    return Choice(None, reasons=reasons)

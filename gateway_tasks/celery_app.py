@@ -13,6 +13,7 @@ from celery.signals import worker_process_init
 import celeryconfig
 from gateway_core.db import Database
 from gateway_core.settings import Settings
+from gateway_tasks.registry import Registry
 
 
 class WorkerContext:
@@ -30,12 +31,16 @@ class WorkerContext:
         return redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
 
     @cached_property
+    def registry(self) -> Registry:
+        return Registry(self.redis)
+
+    @cached_property
     def http(self) -> httpx.Client:
         return httpx.Client(limits=httpx.Limits(max_connections=100, max_keepalive_connections=20))
 
     def reset_after_fork(self) -> None:
         """Drop connections inherited from the parent; children open their own."""
-        for name in ("db", "redis", "http"):
+        for name in ("db", "redis", "http", "registry"):
             obj = self.__dict__.pop(name, None)
             if isinstance(obj, Database):
                 obj.engine.dispose(close=False)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
+import httpx
 import redis
 from celery import Task, shared_task
 from sqlalchemy.exc import OperationalError
@@ -21,8 +23,9 @@ from gateway_core.jobs import (
     transition,
 )
 from gateway_core.models import Job, utcnow
+from gateway_core.settings import ReplicaConfig, ServiceConfig
 from gateway_core.states import IN_FLIGHT, JobState
-from gateway_tasks.balancer import pick_replica
+from gateway_tasks.balancer import Choice, choose
 from gateway_tasks.celery_app import WorkerContext
 from gateway_tasks.publish import DISPATCH_TASK, publish_dispatch
 from gateway_tasks.replicas import ReplicaError, build_payload, call_replica
@@ -50,6 +53,34 @@ def dispatch_job(self: Task, job_id: str, service: str | None = None) -> str:
     ``service`` is only for routing (celeryconfig.dispatch_router); the job row says what to do.
     """
     ctx = _ctx(self)
+    claim = _claim(ctx, job_id)
+    if isinstance(claim, str):
+        return claim
+    name, svc, choice, attempt = claim
+    assert choice.replica is not None
+    try:
+        with ctx.db.transaction() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.state != S.DISPATCHED or job.attempts != attempt:
+                return "superseded"
+            job = transition(s, job, S.PROCESSING, values={"started_at": job.started_at or utcnow()})
+            if job is None:
+                return "superseded"
+            payload = build_payload(job, svc.kind)
+        try:
+            outcome: dict[str, Any] | ReplicaError = call_replica(ctx.http, choice.replica, payload)
+        except ReplicaError as err:
+            outcome = err
+            if err.code == "REPLICA_UNREACHABLE":
+                ctx.registry.mark_down(name, choice.replica.name)
+    finally:
+        if choice.token:
+            ctx.registry.release(name, choice.replica.name, choice.token)
+    return _record(self, ctx, job_id, svc, attempt, outcome)
+
+
+def _claim(ctx: WorkerContext, job_id: str) -> str | tuple[str, ServiceConfig, Choice, int]:
+    """Move a claimable job to DISPATCHED on a replica slot; or hold, fail, or skip it (returns why)."""
     settings = ctx.settings
     now = utcnow()
     with ctx.db.transaction() as s:
@@ -60,57 +91,62 @@ def dispatch_job(self: Task, job_id: str, service: str | None = None) -> str:
         if not claimable(job, now):
             return f"skipped:{job.state}"
         svc = settings.services.get(job.service)
-        reclaimed = job.state in IN_FLIGHT
         if svc is None:
             lifecycle.fail(s, job, "SERVICE_REMOVED", f"service {job.service} is not configured")
             return "failed"
         if job.attempts >= svc.max_attempts:  # its last worker died mid-attempt
-            lifecycle.fail(
-                s,
-                job,
-                "WORKER_LOST",
-                f"worker lost during attempt {job.attempts} of {svc.max_attempts}",
-                detail={"outcome": "worker_lost"},
-            )
+            message = f"worker lost during attempt {job.attempts} of {svc.max_attempts}"
+            lifecycle.fail(s, job, "WORKER_LOST", message, detail={"outcome": "worker_lost"})
             return "failed"
-        replica = pick_replica(ctx.redis, job.service, svc.replicas, failed_replicas(job))
         attempt = job.attempts + 1
+        lease = max(r.timeout for r in svc.replicas) + settings.gateway.lease_margin_seconds
+        choice = choose(
+            ctx.registry, job.service, svc, token=f"{job_id}:{attempt}", lease_seconds=lease, avoid=failed_replicas(job)
+        )
+        if choice.replica is None:
+            gw = settings.gateway
+            held_for = (now - (job.held_since or now)).total_seconds()
+            retry_in = min(gw.hold_retry_max_seconds, max(gw.hold_retry_seconds, held_for / 2))
+            done = lifecycle.hold(
+                s, job, now=now, retry_in=retry_in, max_hold=svc.max_hold_seconds, replicas=choice.reasons
+            )
+            return "held" if done is not None and done.state == S.HELD else "failed"
         claimed = transition(
             s,
             job,
             S.DISPATCHED,
-            replica=replica.name,
+            replica=choice.replica.name,
             attempt=attempt,
-            detail={"reclaimed": True} if reclaimed else None,
+            detail={"reclaimed": True} if job.state in IN_FLIGHT else None,
             now=now,
             values={
-                "lease_expires_at": lease_until(now, replica.timeout + settings.gateway.lease_margin_seconds),
+                "lease_expires_at": lease_until(now, choice.replica.timeout + settings.gateway.lease_margin_seconds),
                 "dispatched_at": job.dispatched_at or now,
+                "held_since": None,
+                "next_attempt_at": None,
             },
         )
         if claimed is None:
+            if choice.token:
+                ctx.registry.release(job.service, choice.replica.name, choice.token)
             return "lost-race"
+        return job.service, svc, choice, attempt
 
-    with ctx.db.transaction() as s:
-        job = s.get(Job, job_id)
-        if job is None or job.state != S.DISPATCHED or job.attempts != attempt:
-            return "superseded"
-        job = transition(s, job, S.PROCESSING, values={"started_at": job.started_at or utcnow()})
-        if job is None:
-            return "superseded"
-        payload = build_payload(job, svc.kind)
 
-    outcome: dict[str, Any] | ReplicaError
-    try:
-        outcome = call_replica(ctx.http, replica, payload)
-    except ReplicaError as err:
-        outcome = err
-
+def _record(
+    task: Task,
+    ctx: WorkerContext,
+    job_id: str,
+    svc: ServiceConfig,
+    attempt: int,
+    outcome: dict[str, Any] | ReplicaError,
+) -> str:
+    """Record one attempt's outcome: SUCCEEDED, FAILED, or back to QUEUED for another replica after a backoff."""
     retry_in: float | None = None
     with ctx.db.transaction() as s:
         job = s.get(Job, job_id)
         if job is None or job.state != S.PROCESSING or job.attempts != attempt:
-            return "superseded"  # the lease ran out and another worker took the job over
+            return "superseded"  # the lease ran out and another worker took the job over, or it was canceled
         if isinstance(outcome, dict):
             lifecycle.succeed(s, job, svc, outcome["output"], outcome.get("usage") or {})
             return "succeeded"
@@ -130,9 +166,10 @@ def dispatch_job(self: Task, job_id: str, service: str | None = None) -> str:
         retry_in = backoff_seconds(attempt, svc.backoff_base_seconds, svc.backoff_max_seconds)
         detail["retry_in_seconds"] = round(retry_in, 3)
         transition(s, job, S.QUEUED, detail=detail, values={"lease_expires_at": None, "enqueued_at": None})
+        service = job.service
 
     # After the commit: a crash before this line leaves enqueued_at NULL and the sweeper re-sends it.
-    if publish_dispatch(self.app, job_id, job.service, countdown=retry_in):
+    if publish_dispatch(task.app, job_id, service, countdown=retry_in):
         with ctx.db.transaction() as s:
             mark_enqueued(s, job_id)
     return "retrying"
@@ -163,3 +200,24 @@ def sweep_jobs(self: Task) -> int:
     if sent:
         log.info("sweeper re-sent %d job(s)", sent)
     return sent
+
+
+@shared_task(bind=True, name="jobgate.probe_replicas", ignore_result=True)
+def probe_replicas(self: Task) -> dict[str, str]:
+    """GET every replica's /health at once and count the results against the thresholds (seed 002)."""
+    ctx = _ctx(self)
+    cfg = ctx.settings.gateway.health
+    targets = [(name, rep) for name, svc in ctx.settings.services.items() for rep in svc.replicas]
+
+    def probe(rep: ReplicaConfig) -> bool:
+        try:
+            return ctx.http.get(f"{rep.base_url}/health", timeout=cfg.timeout_seconds).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    with ThreadPoolExecutor(max_workers=min(16, len(targets))) as pool:
+        results = list(pool.map(probe, [rep for _, rep in targets]))
+    states = {}
+    for (service, rep), ok in zip(targets, results, strict=True):
+        states[f"{service}/{rep.name}"] = ctx.registry.record_probe(service, rep.name, ok, cfg)
+    return states

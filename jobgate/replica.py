@@ -28,7 +28,7 @@ def create_replica_app(
     app = Flask(f"replica-{name}")
     lock = threading.Lock()
     processed: Counter[str] = Counter()
-    stats = {"requests": 0, "failures": 0, "in_flight": 0}
+    stats = {"requests": 0, "failures": 0, "in_flight": 0, "max_in_flight": 0}
     rng = random.Random(seed)
 
     def error(status: int, code: str, message: str) -> tuple[Response, int]:
@@ -51,6 +51,7 @@ def create_replica_app(
         with lock:
             stats["requests"] += 1
             stats["in_flight"] += 1
+            stats["max_in_flight"] = max(stats["max_in_flight"], stats["in_flight"])
             fail = rng.random() < fail_rate
         try:
             if latency_ms:

@@ -26,11 +26,12 @@ from gateway_core.settings import Settings, load_settings
 from gateway_core.states import TERMINAL
 from gateway_core.tenants import create_api_key, create_tenant
 from gateway_web import create_app
-from tests.procs import Proc, start_replica, start_worker
+from tests.procs import Proc, free_port, start_replica, start_worker
 
 PG = os.environ.get("JOBGATE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 REDIS = os.environ.get("JOBGATE_TEST_REDIS", "redis://127.0.0.1:6379")
 ISOLATED_QUEUE = "svc.isolated"
+REVIVE_PORT = free_port()
 
 
 def _admin_pg() -> Any:
@@ -82,6 +83,7 @@ def replicas(tmp_session: Path) -> Iterator[dict[str, str]]:
         "down-2": ("codegen", {"fail_rate": 1.0}),
         "slow": ("codegen", {"latency_ms": 1500}),
         "slower": ("codegen", {"latency_ms": 4000}),
+        "narrow": ("codegen", {"latency_ms": 800}),
     }
     procs: list[Proc] = []
     urls: dict[str, str] = {}
@@ -114,6 +116,9 @@ def config_file(tmp_session: Path, replicas: dict[str, str], database_url: str, 
             "sweep_interval_seconds": 1,
             "sweep_unsent_after_seconds": 1,
             "lease_margin_seconds": 3,
+            "hold_retry_seconds": 0.5,
+            "hold_retry_max_seconds": 1,
+            "health": {"interval_seconds": 0.5, "timeout_seconds": 1, "unhealthy_threshold": 3, "healthy_threshold": 2},
         },
         "services": {
             "transcribe": {
@@ -136,6 +141,7 @@ def config_file(tmp_session: Path, replicas: dict[str, str], database_url: str, 
             "codegen-flaky": {
                 "kind": "codegen",
                 **fast,
+                "strategy": "round_robin",  # alternates first attempts: one of two jobs meets the failing replica
                 "replicas": [
                     _replica("flaky", replicas["flaky"]),
                     _replica("codegen-b", replicas["codegen-b"]),
@@ -180,6 +186,25 @@ def config_file(tmp_session: Path, replicas: dict[str, str], database_url: str, 
         **fast,
         "queue": ISOLATED_QUEUE,
         "replicas": [_replica("slower", replicas["slower"])],
+    }
+    # Replicas that are not running: tests start "revive" on its port; "never" stays away.
+    services["codegen-revive"] = {
+        "kind": "codegen",
+        **fast,
+        "max_hold_seconds": 60,
+        "replicas": [_replica("revive", f"http://127.0.0.1:{REVIVE_PORT}")],
+    }
+    services["codegen-never"] = {
+        "kind": "codegen",
+        **fast,
+        "max_hold_seconds": 3,
+        "replicas": [_replica("never", f"http://127.0.0.1:{free_port()}")],
+    }
+    services["codegen-narrow"] = {
+        "kind": "codegen",
+        **fast,
+        "max_hold_seconds": 60,
+        "replicas": [{**_replica("narrow", replicas["narrow"]), "max_concurrency": 1}],
     }
     config["tiers"] = {"free": {"rate_limit": "6/minute", "concurrency": 2}}
     path = tmp_session / "gateway.yaml"

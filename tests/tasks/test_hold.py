@@ -1,0 +1,91 @@
+"""Hold (issue 4): when no replica can take a job it waits HELD — not FAILED — in the database, and runs
+as soon as one can; past the service's max hold it fails with NO_REPLICA_AVAILABLE and its credits go back."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from gateway_core.models import CreditEntry, Job
+from gateway_core.states import JobState
+from tests.conftest import REVIVE_PORT, TenantKey, wait_terminal
+from tests.procs import BIN, Proc
+
+S = JobState
+
+
+def _wait_state(db: Any, job_id: str, state: JobState, timeout: float) -> Job:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with db.transaction() as s:
+            job = s.get(Job, job_id)
+            if job is not None and job.state == state:
+                return job
+        time.sleep(0.1)
+    raise TimeoutError(f"job {job_id} never reached {state}")
+
+
+def test_held_job_runs_when_a_replica_comes_back(
+    client: Any, worker: Any, tenant: TenantKey, db: Any, tmp_path: Path
+) -> None:
+    job_id = client.post("/v1/jobs/codegen-revive", headers=tenant.headers, json={"prompt": "x"}).json["id"]
+    # Probes (or the first refused connection) took the replica out of rotation.
+    held = _wait_state(db, job_id, S.HELD, 20)
+    assert held.attempts <= 1 and held.held_since is not None and held.next_attempt_at is not None
+    time.sleep(2)
+    with db.transaction() as s:  # still waiting, without a busy loop of events
+        job = s.get(Job, job_id)
+        assert job.state == S.HELD
+        s.refresh(job, ["events"])
+        assert [e.to_state for e in job.events].count(S.HELD) == 1
+
+    replica = Proc(
+        [str(BIN / "jobgate"), "replica", "--service", "codegen", "--name", "revive", "--port", str(REVIVE_PORT)],
+        tmp_path / "revive.log",
+    )
+    try:
+        replica.wait_for(lambda o: "listening on" in o, 30, "revived replica")
+        back = time.monotonic()
+        job = wait_terminal(db, job_id, timeout=30)
+        resumed_in = time.monotonic() - back
+        assert job.state == S.SUCCEEDED and job.replica == "revive"
+        assert resumed_in < 10, f"took {resumed_in:.1f} s to resume"
+        assert job.held_since is None and job.next_attempt_at is None
+        states = [e.to_state for e in job.events]
+        assert states[-4:] == [S.HELD, S.DISPATCHED, S.PROCESSING, S.SUCCEEDED]
+        hold_event = next(e for e in job.events if e.to_state == S.HELD)
+        assert hold_event.detail == {"outcome": "no_replica", "replicas": {"revive": "unhealthy"}}
+    finally:
+        replica.stop()
+
+
+def test_held_past_the_maximum_fails_with_no_replica_available(
+    client: Any, worker: Any, tenant: TenantKey, db: Any
+) -> None:
+    job_id = client.post("/v1/jobs/codegen-never", headers=tenant.headers, json={"prompt": "x"}).json["id"]
+    job = wait_terminal(db, job_id, timeout=30)
+    assert job.state == S.FAILED and job.error_code == "NO_REPLICA_AVAILABLE"
+    # Probes had already taken the replica out (or the first refused connection did): holding itself
+    # consumes no attempts.
+    assert job.attempts <= 1
+    with db.transaction() as s:
+        kinds = [e.kind for e in s.query(CreditEntry).filter_by(job_id=job_id).order_by(CreditEntry.id)]
+    assert kinds == ["reserve", "release"]
+    got = client.get(f"/v1/jobs/{job_id}", headers=tenant.headers).json
+    assert got["error"]["code"] == "NO_REPLICA_AVAILABLE"
+
+
+def test_a_replica_never_gets_more_than_its_max_concurrency(
+    client: Any, worker: Any, tenant: TenantKey, db: Any, replicas: dict[str, str]
+) -> None:
+    ids = [
+        client.post("/v1/jobs/codegen-narrow", headers=tenant.headers, json={"prompt": str(i)}).json["id"]
+        for i in range(4)
+    ]
+    jobs = [wait_terminal(db, job_id, timeout=60) for job_id in ids]
+    assert all(j.state == S.SUCCEEDED for j in jobs)
+    assert any(S.HELD in [e.to_state for e in j.events] for j in jobs)  # waited for the slot, then ran
+    assert httpx.get(f"{replicas['narrow']}/stats").json()["max_in_flight"] == 1
