@@ -89,6 +89,7 @@ def from_settings(settings: Settings) -> dict[str, Any]:
                 "time_limit": max_timeout + min(10.0, gw.lease_margin_seconds - 1),
             },
             "jobgate.sweep_jobs": {"soft_time_limit": 30, "time_limit": 40},
+            "jobgate.send_alert": {"soft_time_limit": 30, "time_limit": 40},
             "jobgate.probe_replicas": {
                 "soft_time_limit": gw.health.timeout_seconds + 10,
                 "time_limit": gw.health.timeout_seconds + 20,

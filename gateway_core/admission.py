@@ -146,7 +146,7 @@ def admit(
         credits_reserved=cost,
         now=now,
     )
-    reserve(session, tenant, job, cost)
+    reserve(session, tenant, job, cost, now)
     add_usage(session, tenant_id, now, jobs=1, credits=cost)
     session.flush()
     return Admitted(job, replayed=False)

@@ -85,12 +85,12 @@ def check_affordable(tenant: Tenant, cost: int) -> None:
         )
 
 
-def reserve(session: Session, tenant: Tenant, job: Job, cost: int) -> None:
+def reserve(session: Session, tenant: Tenant, job: Job, cost: int, now: datetime | None = None) -> None:
     """Hold ``cost`` credits of a locked tenant for ``job`` (created with credits_reserved=cost);
     InsufficientCreditsError (402) when short."""
     check_affordable(tenant, cost)
     if cost:
-        _record(session, tenant, "reserve", -cost, cost, job_id=job.id, now=job.created_at)
+        _record(session, tenant, "reserve", -cost, cost, job_id=job.id, now=now)
 
 
 def settle(session: Session, job: Job, charged: int) -> None:

@@ -12,7 +12,9 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from gateway_core import deadletters
 from gateway_core.credits import release, settle
+from gateway_core.deadletters import DEAD_LETTER_CODES
 from gateway_core.errors import JobFinishedError
 from gateway_core.jobs import get_job, transition
 from gateway_core.models import Job
@@ -50,6 +52,8 @@ def fail(session: Session, job: Job, code: str, message: str, *, detail: dict[st
     )
     if done is not None:
         release(session, done)
+        if code in DEAD_LETTER_CODES:
+            deadletters.record(session, done)
     return done
 
 

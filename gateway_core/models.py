@@ -193,3 +193,21 @@ class TenantUsage(Base):
     starts_on: Mapped[date] = mapped_column(Date, primary_key=True)
     jobs: Mapped[int] = mapped_column(Integer, default=0)
     credits: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class DeadLetter(Base):
+    """A job that failed for good for a reason an operator can act on, with what it asked and every attempt."""
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (Index("ix_dead_letters_service_id", "service", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    service: Mapped[str] = mapped_column(String(64))
+    error_code: Mapped[str] = mapped_column(String(64))
+    error_message: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    attempts: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    replayed_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -126,6 +126,26 @@ class HealthConfig(_Strict):
     healthy_threshold: int = Field(default=2, ge=1, le=100)
 
 
+class SmtpConfig(_Strict):
+    host: str
+    port: int = Field(default=25, ge=1, le=65535)
+    sender: str = Field(description="From: address")
+    to: list[str] = Field(min_length=1)
+    username: str | None = None
+    password: str | None = None
+    starttls: bool = False
+    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+
+
+class AlertsConfig(_Strict):
+    """Admin alerts over email and a JSON webhook (Slack-compatible), one per service and kind per window."""
+
+    smtp: SmtpConfig | None = None
+    webhook_url: HttpUrl | None = None
+    window_seconds: float = Field(default=300, gt=0, le=86400)
+    held_age_seconds: float = Field(default=300, gt=0, le=86400, description="alert on jobs HELD this long")
+
+
 class GatewayConfig(_Strict):
     max_body_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
     audio_fetch_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
@@ -149,6 +169,7 @@ class Settings(_Strict):
     broker_url: str | None = Field(default=None, description="Celery broker; redis_url when omitted")
     gateway: GatewayConfig = GatewayConfig()
     rate_limits: RateLimitConfig = RateLimitConfig()
+    alerts: AlertsConfig = AlertsConfig()
     tiers: dict[str, TierConfig] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
     services: dict[str, ServiceConfig] = Field(min_length=1)
 

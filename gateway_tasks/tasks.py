@@ -10,10 +10,12 @@ from typing import Any
 import httpx
 import redis
 from celery import Task, shared_task
+from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
 from gateway_core import lifecycle
 from gateway_core.backoff import backoff_seconds
+from gateway_core.deadletters import DEAD_LETTER_CODES
 from gateway_core.jobs import (
     claimable,
     failed_replicas,
@@ -25,6 +27,7 @@ from gateway_core.jobs import (
 from gateway_core.models import Job, utcnow
 from gateway_core.settings import ReplicaConfig, ServiceConfig
 from gateway_core.states import IN_FLIGHT, JobState
+from gateway_tasks.alerts import SEND_TASK, deliver, raise_alert
 from gateway_tasks.balancer import Choice, choose
 from gateway_tasks.celery_app import WorkerContext
 from gateway_tasks.publish import DISPATCH_TASK, publish_dispatch
@@ -53,6 +56,24 @@ def dispatch_job(self: Task, job_id: str, service: str | None = None) -> str:
     ``service`` is only for routing (celeryconfig.dispatch_router); the job row says what to do.
     """
     ctx = _ctx(self)
+    result = _dispatch(self, ctx, job_id)
+    if result == "failed":
+        _alert_if_dead_lettered(self, ctx, job_id)
+    return result
+
+
+def _alert_if_dead_lettered(task: Task, ctx: WorkerContext, job_id: str) -> None:
+    with ctx.db.transaction() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.error_code not in DEAD_LETTER_CODES:
+            return
+        message = f"job {job.id} failed for good: {job.error_code}: {job.error_message}"
+        detail = {"job_id": job.id, "tenant_id": job.tenant_id, "code": job.error_code}
+        service = job.service
+    raise_alert(task.app, ctx.redis, ctx.settings.alerts, "job_failed", service, message, detail)
+
+
+def _dispatch(self: Task, ctx: WorkerContext, job_id: str) -> str:
     claim = _claim(ctx, job_id)
     if isinstance(claim, str):
         return claim
@@ -94,7 +115,7 @@ def _claim(ctx: WorkerContext, job_id: str) -> str | tuple[str, ServiceConfig, C
         if svc is None:
             lifecycle.fail(s, job, "SERVICE_REMOVED", f"service {job.service} is not configured")
             return "failed"
-        if job.attempts >= svc.max_attempts:  # its last worker died mid-attempt
+        if job.state in IN_FLIGHT and job.attempts >= svc.max_attempts:  # its last worker died mid-attempt
             message = f"worker lost during attempt {job.attempts} of {svc.max_attempts}"
             lifecycle.fail(s, job, "WORKER_LOST", message, detail={"outcome": "worker_lost"})
             return "failed"
@@ -191,6 +212,22 @@ def sweep_jobs(self: Task) -> int:
                 now=now,
             )
         ]
+        held_long = s.execute(
+            select(Job.service, func.count())
+            .where(Job.state == S.HELD, Job.held_since < now - timedelta(seconds=ctx.settings.alerts.held_age_seconds))
+            .group_by(Job.service)
+        ).all()
+    for service, count in held_long:
+        age = ctx.settings.alerts.held_age_seconds
+        raise_alert(
+            self.app,
+            ctx.redis,
+            ctx.settings.alerts,
+            "held_too_long",
+            service,
+            f"{count} job(s) held for over {age:g} s",
+            {"held_jobs": count},
+        )
     sent = 0
     for job_id, service in due:
         if publish_dispatch(self.app, job_id, service):
@@ -217,7 +254,34 @@ def probe_replicas(self: Task) -> dict[str, str]:
 
     with ThreadPoolExecutor(max_workers=min(16, len(targets))) as pool:
         results = list(pool.map(probe, [rep for _, rep in targets]))
-    states = {}
+    states: dict[str, str] = {}
+    down: dict[str, list[bool]] = {}
     for (service, rep), ok in zip(targets, results, strict=True):
-        states[f"{service}/{rep.name}"] = ctx.registry.record_probe(service, rep.name, ok, cfg)
+        states[f"{service}/{rep.name}"] = state = ctx.registry.record_probe(service, rep.name, ok, cfg)
+        down.setdefault(service, []).append(state == "down")
+    for service, flags in down.items():
+        if all(flags):
+            raise_alert(
+                self.app,
+                ctx.redis,
+                ctx.settings.alerts,
+                "no_healthy_replica",
+                service,
+                f"all {len(flags)} replica(s) of {service} are failing their health checks",
+                {},
+            )
     return states
+
+
+@shared_task(
+    bind=True,
+    name=SEND_TASK,
+    autoretry_for=(OSError, httpx.HTTPError),
+    retry_backoff=True,
+    max_retries=5,
+    ignore_result=True,
+)
+def send_alert(self: Task, alert: dict[str, Any]) -> list[str]:
+    """Deliver one admin alert by email and webhook."""
+    ctx = _ctx(self)
+    return deliver(ctx.settings.alerts, ctx.http, alert)

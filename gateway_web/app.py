@@ -12,7 +12,7 @@ from flask_openapi3 import Info
 from gateway_core.db import Database
 from gateway_core.settings import Settings, load_settings
 from gateway_tasks.celery_app import create_celery
-from gateway_web import credits, health, jobs
+from gateway_web import admin, credits, health, jobs
 from gateway_web.auth import SECURITY_SCHEMES, init_auth
 from gateway_web.context import WebContext
 from gateway_web.errors import register_error_handlers, validation_error_response
@@ -57,8 +57,8 @@ def create_app(settings: Settings | None = None) -> JobgateOpenAPI:
     make_limiter(app, settings)
     app.register_api(health.bp)
     app.register_api(jobs.make_blueprint(app))
-    for bp in credits.make_blueprints(app):
-        app.register_api(bp)
+    app.register_api(credits.make_blueprint(app))
+    app.register_api(admin.make_blueprint(app))
 
     @app.get("/openapi.json", doc_ui=False)
     def openapi_json() -> Response:

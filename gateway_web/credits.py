@@ -1,9 +1,9 @@
-"""Credits: a tenant's balance, reservations, usage against quotas, and its ledger; admin grants."""
+"""Credits: a tenant's balance, reservations, usage against quotas, and its ledger."""
 
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Any, Literal
+from typing import Any
 
 from flask import Response, jsonify
 from flask_openapi3 import APIBlueprint, Tag
@@ -14,7 +14,7 @@ from gateway_core.admission import active_jobs, limits_of
 from gateway_core.models import CreditEntry, Tenant, utcnow
 from gateway_core.settings import Settings
 from gateway_core.usage import period_starts, usage_now
-from gateway_web.auth import SECURITY, principal, require_scope
+from gateway_web.auth import SECURITY, principal
 from gateway_web.context import ctx
 from gateway_web.errors import ErrorEnvelope
 from gateway_web.limits import limited
@@ -59,32 +59,14 @@ class CreditsQuery(BaseModel):
     limit: int = Field(default=50, ge=1, le=200)
 
 
-class GrantPath(BaseModel):
-    tenant_id: int
-
-
-class GrantBody(BaseModel):
-    amount: int = Field(description="credits to add; an adjustment may be negative")
-    kind: Literal["grant", "refund", "adjustment"] = "grant"
-    note: str | None = Field(default=None, max_length=255)
-
-
-class GrantOut(BaseModel):
-    tenant_id: int
-    balance: int
-    reserved: int
-    entry: EntryOut
-
-
-def _entry(e: CreditEntry) -> EntryOut:
+def entry_out(e: CreditEntry) -> EntryOut:
     return EntryOut.model_validate(e, from_attributes=True)
 
 
-def make_blueprints(app: JobgateOpenAPI) -> list[APIBlueprint]:
+def make_blueprint(app: JobgateOpenAPI) -> APIBlueprint:
     settings: Settings = app.extensions["jobgate"].settings
     cost = settings.rate_limits.read_cost
     bp = APIBlueprint("credits", __name__, url_prefix="/v1", abp_tags=[Tag(name="credits")], abp_security=SECURITY)
-    admin = APIBlueprint("admin", __name__, url_prefix="/v1/admin", abp_tags=[Tag(name="admin")], abp_security=SECURITY)
 
     def read_credits(query: CreditsQuery) -> Response:
         """Balance, reserved credits, usage against quotas, and the ledger newest first (cursor-paged)."""
@@ -114,30 +96,12 @@ def make_blueprints(app: JobgateOpenAPI) -> list[APIBlueprint]:
                     )
                     for period, prefix in (("day", "daily"), ("month", "monthly"))
                 },
-                entries=[_entry(e) for e in entries],
+                entries=[entry_out(e) for e in entries],
                 next_cursor=str(entries[-1].id) if len(entries) == query.limit else None,
             )
         return jsonify(out.model_dump(mode="json"))
 
-    def grant_credits(path: GrantPath, body: GrantBody) -> tuple[Response, int]:
-        """Add (or correct) a tenant's credits; needs an API key with the admin scope."""
-        require_scope("admin")
-        with ctx().db.transaction() as s:
-            tenant = ledger.grant(s, path.tenant_id, body.amount, kind=body.kind, note=body.note)
-            entry = ledger.entries_page(s, tenant.id, before=None, limit=1)[0]
-            out = GrantOut(
-                tenant_id=tenant.id,
-                balance=tenant.credits_balance,
-                reserved=tenant.credits_reserved,
-                entry=_entry(entry),
-            )
-        return jsonify(out.model_dump(mode="json")), 201
-
     bp.get("/credits", responses={200: CreditsOut, **ERRORS})(
         limited(app, settings, read_credits, weight=cost, endpoint_limit=None)
     )
-    admin.post(
-        "/tenants/<int:tenant_id>/credits",
-        responses={201: GrantOut, 400: ErrorEnvelope, 403: ErrorEnvelope, 404: ErrorEnvelope, **ERRORS},
-    )(limited(app, settings, grant_credits, weight=cost, endpoint_limit=None))
-    return [bp, admin]
+    return bp

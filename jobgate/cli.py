@@ -102,6 +102,72 @@ def credits_grant(tenant_name: str, amount: int, kind: str, note: str | None) ->
         raise click.ClickException(exc.message) from None
 
 
+@main.group("dead-letters")
+def dead_letters() -> None:
+    """Jobs that failed for good."""
+
+
+@dead_letters.command("list")
+@click.option("--service", default=None)
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+def dead_letters_list(service: str | None, limit: int) -> None:
+    """List dead letters, newest first."""
+    from gateway_core.deadletters import page
+
+    with Database(_settings().database_url).transaction() as s:
+        for d in page(s, service=service, before=None, limit=limit):
+            replayed = f" replayed {d.replayed_at:%Y-%m-%d %H:%M}" if d.replayed_at else ""
+            click.echo(
+                f"{d.id}\t{d.created_at:%Y-%m-%d %H:%M:%S}\t{d.service}\t{d.job_id}\t{d.error_code}"
+                f"\t{len(d.attempts)} attempt(s){replayed}"
+            )
+
+
+@dead_letters.command("replay")
+@click.argument("letter_id", type=int)
+def dead_letters_replay(letter_id: int) -> None:
+    """Replay a dead letter: a new round of attempts on the same job id."""
+    from gateway_web.admin import replay_dead_letter
+    from gateway_web.app import create_app
+
+    settings = _settings()
+    app = create_app(settings)
+    try:
+        with app.app_context():
+            job = replay_dead_letter(settings, letter_id)
+    except GatewayError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(f"job {job.id} is {job.state.value} again")
+
+
+@main.group()
+def alerts() -> None:
+    """Admin alerts."""
+
+
+@alerts.command("test")
+def alerts_test() -> None:
+    """Send one alert of each kind on every configured channel (no throttling)."""
+    import httpx
+
+    from gateway_tasks.alerts import KINDS, deliver
+
+    cfg = _settings().alerts
+    if cfg.smtp is None and cfg.webhook_url is None:
+        raise click.ClickException("no alert channel configured (alerts.smtp, alerts.webhook_url)")
+    with httpx.Client() as http:
+        for kind in KINDS:
+            alert = {
+                "kind": kind,
+                "service": "test",
+                "message": f"test alert: {kind}",
+                "count": 1,
+                "detail": {"test": True},
+                "at": "",
+            }
+            click.echo(f"{kind}: sent by {', '.join(deliver(cfg, http, alert))}")
+
+
 @main.command()
 @click.option("--service", required=True, help="transcribe or codegen: which output to simulate")
 @click.option("--name", default=None, help="replica name (default: <service>-<port>)")

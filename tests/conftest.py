@@ -6,7 +6,10 @@ override with JOBGATE_TEST_PG / JOBGATE_TEST_REDIS. Every process started here i
 
 from __future__ import annotations
 
+import email
+import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -102,8 +105,68 @@ def _replica(name: str, url: str, timeout: float = 10) -> dict[str, Any]:
     return {"name": name, "url": url, "timeout": timeout}
 
 
+class Inbox:
+    """What a real local SMTP server (aiosmtpd) or webhook receiver got."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+
+    def add(self, item: dict[str, Any]) -> None:
+        with self.lock:
+            self.items.append(item)
+
+    def matching(self, **fields: Any) -> list[dict[str, Any]]:
+        with self.lock:
+            return [i for i in self.items if all(i.get(k) == v for k, v in fields.items())]
+
+
 @pytest.fixture(scope="session")
-def config_file(tmp_session: Path, replicas: dict[str, str], database_url: str, redis_urls: dict[str, str]) -> Path:
+def smtp_inbox() -> Iterator[tuple[Inbox, int]]:
+    from aiosmtpd.controller import Controller
+
+    inbox = Inbox()
+
+    class Handler:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+            msg = email.message_from_bytes(envelope.content)
+            inbox.add({"subject": msg["Subject"], "to": envelope.rcpt_tos, "body": msg.get_payload()})
+            return "250 OK"
+
+    port = free_port()
+    controller = Controller(Handler(), hostname="127.0.0.1", port=port)
+    controller.start()
+    yield inbox, port
+    controller.stop()
+
+
+@pytest.fixture(scope="session")
+def webhook_inbox() -> Iterator[tuple[Inbox, str]]:
+    from werkzeug.serving import make_server
+    from werkzeug.wrappers import Request, Response
+
+    inbox = Inbox()
+
+    def app(environ: Any, start_response: Any) -> Any:
+        inbox.add(json.loads(Request(environ).get_data()))
+        return Response("ok")(environ, start_response)
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield inbox, f"http://127.0.0.1:{server.server_port}/hook"
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def config_file(
+    tmp_session: Path,
+    replicas: dict[str, str],
+    database_url: str,
+    redis_urls: dict[str, str],
+    smtp_inbox: tuple[Inbox, int],
+    webhook_inbox: tuple[Inbox, str],
+) -> Path:
     fast = {"max_attempts": 3, "backoff_base_seconds": 0.2, "backoff_max_seconds": 0.5}
     config = {
         "database_url": database_url,
@@ -207,6 +270,16 @@ def config_file(tmp_session: Path, replicas: dict[str, str], database_url: str, 
         "replicas": [{**_replica("narrow", replicas["narrow"]), "max_concurrency": 1}],
     }
     config["tiers"] = {"free": {"rate_limit": "6/minute", "concurrency": 2}}
+    services["codegen-alerting"] = {
+        "kind": "codegen",
+        **fast,
+        "replicas": [_replica("down-1", replicas["down-1"]), _replica("down-2", replicas["down-2"])],
+    }
+    config["alerts"] = {
+        "smtp": {"host": "127.0.0.1", "port": smtp_inbox[1], "sender": "jobgate@test", "to": ["ops@test"]},
+        "webhook_url": webhook_inbox[1],
+        "window_seconds": 3600,
+    }
     path = tmp_session / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -35,6 +35,7 @@ def test_openapi_lists_every_endpoint_with_its_schemas(client: Any, settings: Se
     grant = paths["/v1/admin/tenants/{tenant_id}/credits"]["post"]
     assert grant["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/GrantBody")
     assert {"201", "403"} <= set(grant["responses"])
+    assert "/v1/admin/dead-letters" in paths and "/v1/admin/dead-letters/{letter_id}/replay" in paths
     for service in settings.services:
         assert {"402", "409", "429"} <= set(paths[f"/v1/jobs/{service}"]["post"]["responses"])
     assert client.get("/docs").status_code == 302

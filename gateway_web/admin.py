@@ -1,0 +1,142 @@
+"""Admin routes (keys with the admin scope): credit grants, dead letters and their replay."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from flask import Response, jsonify
+from flask_openapi3 import APIBlueprint, Tag
+from pydantic import BaseModel, Field
+
+from gateway_core import credits as ledger
+from gateway_core import deadletters
+from gateway_core.errors import InvalidRequestError
+from gateway_core.jobs import mark_enqueued
+from gateway_core.models import DeadLetter, Job
+from gateway_core.pricing import estimate
+from gateway_core.settings import Settings
+from gateway_tasks.publish import publish_dispatch
+from gateway_web.auth import SECURITY, require_scope
+from gateway_web.context import ctx
+from gateway_web.credits import EntryOut, entry_out
+from gateway_web.errors import ErrorEnvelope
+from gateway_web.limits import limited
+from gateway_web.openapi import JobgateOpenAPI
+from gateway_web.schemas import JobOut, job_out
+
+ERRORS: dict[str | int, Any] = {401: ErrorEnvelope, 403: ErrorEnvelope, 429: ErrorEnvelope}
+
+
+class GrantPath(BaseModel):
+    tenant_id: int
+
+
+class GrantBody(BaseModel):
+    amount: int = Field(description="credits to add; an adjustment may be negative")
+    kind: Literal["grant", "refund", "adjustment"] = "grant"
+    note: str | None = Field(default=None, max_length=255)
+
+
+class GrantOut(BaseModel):
+    tenant_id: int
+    balance: int
+    reserved: int
+    entry: EntryOut
+
+
+class DeadLetterOut(BaseModel):
+    id: int
+    job_id: str
+    tenant_id: int
+    service: str
+    error_code: str
+    error_message: str
+    payload: dict[str, Any]
+    attempts: list[dict[str, Any]]
+    created_at: datetime
+    replayed_at: datetime | None
+
+
+class DeadLettersOut(BaseModel):
+    dead_letters: list[DeadLetterOut]
+    next_cursor: str | None
+
+
+class DeadLettersQuery(BaseModel):
+    service: str | None = Field(default=None, max_length=64)
+    cursor: int | None = Field(default=None, ge=1)
+    limit: int = Field(default=50, ge=1, le=200)
+
+
+class DeadLetterPath(BaseModel):
+    letter_id: int
+
+
+def replay_dead_letter(settings: Settings, letter_id: int) -> Job:
+    """Re-open a dead-lettered job (credits reserved again) and send it; the one way to replay."""
+    c = ctx()
+    with c.db.transaction() as s:
+        letter = s.get(DeadLetter, letter_id)
+        svc = settings.services.get(letter.service) if letter else None
+        if letter is not None and svc is None:
+            raise InvalidRequestError(f"service {letter.service} is no longer configured", code="SERVICE_REMOVED")
+        job = s.get(Job, letter.job_id) if letter else None
+        cost = estimate(svc, job.request, job.audio_seconds) if svc and job else 0
+        job = deadletters.replay(s, letter_id, cost)
+    if publish_dispatch(c.celery, job.id, job.service):
+        with c.db.transaction() as s:
+            mark_enqueued(s, job.id)
+    return job
+
+
+def make_blueprint(app: JobgateOpenAPI) -> APIBlueprint:
+    settings: Settings = app.extensions["jobgate"].settings
+    cost = settings.rate_limits.read_cost
+    bp = APIBlueprint("admin", __name__, url_prefix="/v1/admin", abp_tags=[Tag(name="admin")], abp_security=SECURITY)
+
+    def grant_credits(path: GrantPath, body: GrantBody) -> tuple[Response, int]:
+        """Add (or correct) a tenant's credits; needs an API key with the admin scope."""
+        require_scope("admin")
+        with ctx().db.transaction() as s:
+            tenant = ledger.grant(s, path.tenant_id, body.amount, kind=body.kind, note=body.note)
+            entry = ledger.entries_page(s, tenant.id, before=None, limit=1)[0]
+            out = GrantOut(
+                tenant_id=tenant.id,
+                balance=tenant.credits_balance,
+                reserved=tenant.credits_reserved,
+                entry=entry_out(entry),
+            )
+        return jsonify(out.model_dump(mode="json")), 201
+
+    def list_dead_letters(query: DeadLettersQuery) -> Response:
+        """Jobs that failed for good, newest first, with their payload and every attempt."""
+        require_scope("admin")
+        with ctx().db.transaction() as s:
+            rows = deadletters.page(s, service=query.service, before=query.cursor, limit=query.limit)
+            out = DeadLettersOut(
+                dead_letters=[DeadLetterOut.model_validate(r, from_attributes=True) for r in rows],
+                next_cursor=str(rows[-1].id) if len(rows) == query.limit else None,
+            )
+        return jsonify(out.model_dump(mode="json"))
+
+    def replay(path: DeadLetterPath) -> tuple[Response, int]:
+        """Replay a dead-lettered job: a new round of attempts on the same job id (credits reserved again)."""
+        require_scope("admin")
+        job = replay_dead_letter(settings, path.letter_id)
+        out = job_out(job, with_events=False).model_dump(mode="json")
+        del out["events"]
+        return jsonify(out), 202
+
+    bp.post(
+        "/tenants/<int:tenant_id>/credits",
+        responses={201: GrantOut, 400: ErrorEnvelope, 404: ErrorEnvelope, **ERRORS},
+    )(limited(app, settings, grant_credits, weight=cost, endpoint_limit=None))
+    bp.get("/dead-letters", responses={200: DeadLettersOut, **ERRORS})(
+        limited(app, settings, list_dead_letters, weight=cost, endpoint_limit=None)
+    )
+    bp.post(
+        "/dead-letters/<int:letter_id>/replay",
+        responses={202: JobOut, 400: ErrorEnvelope, 402: ErrorEnvelope, 404: ErrorEnvelope, **ERRORS},
+    )(limited(app, settings, replay, weight=cost, endpoint_limit=None))
+    return bp

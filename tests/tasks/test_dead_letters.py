@@ -1,0 +1,124 @@
+"""Final failure (issue 4, items 6-7): dead-lettered with payload and attempts, credits released once,
+one throttled alert by email (a real local SMTP server) and by webhook; admins list and replay."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from gateway_core.models import CreditEntry, Tenant
+from gateway_core.states import JobState
+from gateway_core.tenants import create_api_key
+from tests.conftest import Inbox, TenantKey, make_tenant, wait_terminal
+
+S = JobState
+
+
+def _admin_headers(db: Any) -> dict[str, str]:
+    ops = make_tenant(db, credits=0)
+    with db.transaction() as s:
+        return {"Authorization": f"Bearer {create_api_key(s, s.get(Tenant, ops.tenant_id), ('admin',))}"}
+
+
+def _eventually(check: Any, timeout: float = 20) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, "not within the time allowed"
+        time.sleep(0.2)
+    return result
+
+
+def test_final_failure_is_dead_lettered_refunded_and_alerted_once(
+    client: Any, worker: Any, db: Any, smtp_inbox: tuple[Inbox, int], webhook_inbox: tuple[Inbox, str]
+) -> None:
+    tenant = make_tenant(db, credits=10)
+    ids = [
+        client.post("/v1/jobs/codegen-alerting", headers=tenant.headers, json={"prompt": f"p{i}"}).json["id"]
+        for i in range(3)
+    ]
+    for job_id in ids:
+        job = wait_terminal(db, job_id, timeout=30)
+        assert job.state == S.FAILED and job.error_code == "ALL_ATTEMPTS_FAILED"
+    with db.transaction() as s:
+        kinds = [e.kind for e in s.query(CreditEntry).filter_by(tenant_id=tenant.tenant_id).order_by(CreditEntry.id)]
+    assert kinds.count("release") == 3 and s.get(Tenant, tenant.tenant_id).credits_balance == 10
+
+    listed = client.get("/v1/admin/dead-letters?service=codegen-alerting", headers=_admin_headers(db)).json
+    letters = {d["job_id"]: d for d in listed["dead_letters"]}
+    assert set(ids) <= set(letters)
+    first = letters[ids[0]]
+    assert first["payload"]["prompt"] == "p0" and first["error_code"] == "ALL_ATTEMPTS_FAILED"
+    assert [a["attempt"] for a in first["attempts"]] == [1, 2, 3]
+    assert {a["replica"] for a in first["attempts"]} == {"down-1", "down-2"}
+
+    hooks = _eventually(lambda: webhook_inbox[0].matching(kind="job_failed", service="codegen-alerting"))
+    mails = _eventually(lambda: [m for m in smtp_inbox[0].items if "job_failed on codegen-alerting" in m["subject"]])
+    time.sleep(3)  # three failures, one window: no further alert arrives
+    assert len(webhook_inbox[0].matching(kind="job_failed", service="codegen-alerting")) == len(hooks) == 1
+    assert len([m for m in smtp_inbox[0].items if "job_failed on codegen-alerting" in m["subject"]]) == len(mails) == 1
+    assert hooks[0]["count"] == 1 and hooks[0]["text"].startswith("[jobgate] job_failed on codegen-alerting")
+    assert mails[0]["to"] == ["ops@test"]
+
+
+def test_admin_replays_a_dead_letter_on_the_same_job_id(client: Any, worker: Any, db: Any, tenant: TenantKey) -> None:
+    job_id = client.post("/v1/jobs/codegen-down", headers=tenant.headers, json={"prompt": "again"}).json["id"]
+    assert wait_terminal(db, job_id, timeout=30).state == S.FAILED
+    admin = _admin_headers(db)
+    letter = next(
+        d
+        for d in client.get("/v1/admin/dead-letters?service=codegen-down&limit=200", headers=admin).json["dead_letters"]
+        if d["job_id"] == job_id
+    )
+
+    assert client.post(f"/v1/admin/dead-letters/{letter['id']}/replay", headers=tenant.headers).status_code == 403
+    replay = client.post(f"/v1/admin/dead-letters/{letter['id']}/replay", headers=admin)
+    assert replay.status_code == 202 and replay.json["id"] == job_id and replay.json["status"] == "QUEUED"
+    again = client.post(f"/v1/admin/dead-letters/{letter['id']}/replay", headers=admin)
+    assert again.status_code == 400 and again.json["error"]["code"] == "ALREADY_REPLAYED"
+
+    _eventually(
+        lambda: (
+            len(
+                [
+                    d
+                    for d in client.get("/v1/admin/dead-letters?service=codegen-down&limit=200", headers=admin).json[
+                        "dead_letters"
+                    ]
+                    if d["job_id"] == job_id
+                ]
+            )
+            == 2
+        ),
+        timeout=30,
+    )
+    job = wait_terminal(db, job_id, timeout=30)
+    states = [e.to_state for e in job.events]
+    assert states.count(S.FAILED) == 2 and job.attempts == 3  # a fresh round of attempts
+    replayed = [e for e in job.events if (e.detail or {}).get("outcome") == "replayed"]
+    assert len(replayed) == 1 and replayed[0].from_state == S.FAILED and replayed[0].to_state == S.QUEUED
+    with db.transaction() as s:
+        kinds = [e.kind for e in s.query(CreditEntry).filter_by(job_id=job_id).order_by(CreditEntry.id)]
+    assert kinds == ["reserve", "release", "reserve", "release"]
+    assert client.post("/v1/admin/dead-letters/999999/replay", headers=admin).status_code == 404
+
+
+def test_a_service_with_no_healthy_replica_is_alerted(worker: Any, webhook_inbox: tuple[Inbox, str]) -> None:
+    alert = _eventually(lambda: webhook_inbox[0].matching(kind="no_healthy_replica", service="codegen-never"))
+    assert "failing their health checks" in alert[0]["message"]
+
+
+def test_alerts_test_command_sends_one_of_each_kind(
+    worker_env: dict[str, str], smtp_inbox: tuple[Inbox, int], webhook_inbox: tuple[Inbox, str]
+) -> None:
+    import subprocess
+
+    from tests.procs import BIN
+
+    out = subprocess.run(
+        [str(BIN / "jobgate"), "alerts", "test"], env=worker_env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    for kind in ("job_failed", "circuit_open", "no_healthy_replica", "held_too_long"):
+        assert f"{kind}: sent by webhook, email" in out.stdout
+        assert webhook_inbox[0].matching(kind=kind, service="test")
+        assert [m for m in smtp_inbox[0].items if f"{kind} on test" in m["subject"]]
