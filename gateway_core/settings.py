@@ -46,6 +46,13 @@ class PricingConfig(_Strict):
     minimum: int = Field(default=1, ge=0)
 
 
+class CircuitConfig(_Strict):
+    """Per-replica circuit breaker fed by real traffic (passive outlier detection, Envoy/LiteLLM style)."""
+
+    failure_threshold: int = Field(default=5, ge=1, le=1000, description="consecutive failures that open it")
+    cooldown_seconds: float = Field(default=5.0, gt=0, le=3600, description="open this long, then half-open")
+
+
 class ServiceConfig(_Strict):
     kind: Literal["transcribe", "codegen"] = Field(description="which request schema the service takes")
     pricing: PricingConfig = PricingConfig()
@@ -57,6 +64,7 @@ class ServiceConfig(_Strict):
     backoff_base_seconds: float = Field(default=1.0, ge=0, le=60)
     backoff_max_seconds: float = Field(default=10.0, ge=0, le=600)
     strategy: Literal["least_outstanding", "round_robin"] = "least_outstanding"
+    circuit: CircuitConfig | None = Field(default=None, description="this service's breaker; gateway.circuit if unset")
     max_hold_seconds: float = Field(
         default=600, ge=0, le=86400, description="how long a job may wait HELD for a replica before it fails"
     )
@@ -161,6 +169,7 @@ class GatewayConfig(_Strict):
     hold_retry_seconds: float = Field(default=1.0, gt=0, le=600)
     hold_retry_max_seconds: float = Field(default=5.0, gt=0, le=3600)
     health: HealthConfig = HealthConfig()
+    circuit: CircuitConfig = CircuitConfig()
 
 
 class Settings(_Strict):
@@ -212,6 +221,9 @@ class Settings(_Strict):
     @property
     def celery_broker_url(self) -> str:
         return self.broker_url or self.redis_url
+
+    def circuit_for(self, service: str) -> CircuitConfig:
+        return self.services[service].circuit or self.gateway.circuit
 
     def queue_for(self, service: str) -> str:
         return self.services[service].queue or f"svc.{service}"

@@ -1,4 +1,5 @@
-"""Choosing a replica (issue 4, item 2): healthy, below max_concurrency, and by the service's strategy —
+"""Choosing a replica (issue 4, item 2): healthy, circuit not open, below max_concurrency, and by the
+service's strategy —
 least outstanding requests per unit of weight (default) or round-robin over a counter in Redis."""
 
 from __future__ import annotations
@@ -35,20 +36,29 @@ def _order(
 
 
 def choose(
-    registry: Registry, service: str, svc: ServiceConfig, *, token: str, lease_seconds: float, avoid: set[str]
+    registry: Registry,
+    service: str,
+    svc: ServiceConfig,
+    *,
+    token: str,
+    lease_seconds: float,
+    avoid: set[str],
+    cooldown: float,
 ) -> Choice:
     """Take a slot on the best replica, preferring those not in ``avoid`` (they failed this job);
     a Choice without a replica when every one is unhealthy or full."""
     now = time.time()
     try:
-        states = registry.snapshot(service, svc.replicas, now)
+        states = registry.snapshot(service, svc.replicas, now, cooldown)
     except redis.RedisError as exc:
         # Without Redis there is no shared state: pick at random rather than stall every job.
         log.warning("replica state unavailable (%s); choosing at random", exc)
         fresh = [rep for rep in svc.replicas if rep.name not in avoid] or list(svc.replicas)
         return Choice(random.choice(fresh))
-    reasons = {name: "unhealthy" for name, st in states.items() if not st.healthy}
-    in_rotation = [rep for rep in svc.replicas if states[rep.name].healthy]
+    reasons = {
+        name: "unhealthy" if not st.healthy else "circuit_open" for name, st in states.items() if not st.in_rotation
+    }
+    in_rotation = [rep for rep in svc.replicas if states[rep.name].in_rotation]
     in_flight = {name: st.in_flight for name, st in states.items()}
     fresh = [rep for rep in in_rotation if rep.name not in avoid]
     tried_before = [rep for rep in in_rotation if rep.name in avoid]

@@ -2,7 +2,9 @@
 
 - in-flight slots: a sorted set per replica of lease tokens scored by expiry; a slot is taken atomically
   only below max_concurrency and frees itself when a killed worker's lease runs out;
-- health: up or down, from beat's probes (thresholds) and from refused connections.
+- health: up or down, from beat's probes (thresholds) and from refused connections;
+- circuit: closed, open after consecutive failures of real jobs, half-open after a cooldown (trial jobs
+  pass), closed again by a success.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 import redis
 
-from gateway_core.settings import HealthConfig, ReplicaConfig
+from gateway_core.settings import CircuitConfig, HealthConfig, ReplicaConfig
 
 _ACQUIRE = """
 local now, expiry, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -24,16 +26,42 @@ return 1
 """
 
 
+# Returns 1 when this failure opened (or re-opened) the circuit.
+_FAILURE = """
+local fails = redis.call('HINCRBY', KEYS[1], 'fails', 1)
+local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
+redis.call('EXPIRE', KEYS[1], 86400)
+if state == 'open' then
+  if tonumber(ARGV[1]) - tonumber(redis.call('HGET', KEYS[1], 'opened_at') or 0) < tonumber(ARGV[3]) then
+    return 0
+  end
+  redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', ARGV[1])  -- a failed trial: open again
+  return 1
+end
+if fails >= tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
 @dataclass(frozen=True)
 class ReplicaState:
     in_flight: int
     healthy: bool  # a replica never probed counts as healthy, so a fresh deployment serves at once
+    circuit: str = "closed"  # closed | open | half_open (open, cooled down: trial jobs pass)
+
+    @property
+    def in_rotation(self) -> bool:
+        return self.healthy and self.circuit != "open"
 
 
 class Registry:
     def __init__(self, r: redis.Redis):
         self.r = r
         self._acquire = r.register_script(_ACQUIRE)
+        self._failure = r.register_script(_FAILURE)
 
     @staticmethod
     def _slots(service: str, name: str) -> str:
@@ -43,16 +71,42 @@ class Registry:
     def _health(service: str, name: str) -> str:
         return f"jobgate:replica:{service}:{name}:health"
 
-    def snapshot(self, service: str, replicas: list[ReplicaConfig], now: float) -> dict[str, ReplicaState]:
-        """In-flight count and health of each replica, in one round trip."""
+    @staticmethod
+    def _circuit(service: str, name: str) -> str:
+        return f"jobgate:replica:{service}:{name}:circuit"
+
+    def snapshot(
+        self, service: str, replicas: list[ReplicaConfig], now: float, cooldown: float
+    ) -> dict[str, ReplicaState]:
+        """In-flight count, health and circuit of each replica, in one round trip."""
         pipe = self.r.pipeline(transaction=False)
         for rep in replicas:
             pipe.zcount(self._slots(service, rep.name), f"({now}", "+inf")
             pipe.hget(self._health(service, rep.name), "state")
+            pipe.hmget(self._circuit(service, rep.name), ["state", "opened_at"])
         values = pipe.execute()
-        return {
-            rep.name: ReplicaState(int(values[2 * i]), values[2 * i + 1] != b"down") for i, rep in enumerate(replicas)
-        }
+        out = {}
+        for i, rep in enumerate(replicas):
+            in_flight, health, (circuit, opened_at) = values[3 * i : 3 * i + 3]
+            state = (circuit or b"closed").decode()
+            if state == "open" and now - float(opened_at or 0) >= cooldown:
+                state = "half_open"
+            out[rep.name] = ReplicaState(int(in_flight), health != b"down", state)
+        return out
+
+    def record_failure(self, service: str, name: str, cfg: CircuitConfig, now: float) -> bool:
+        """Count a failed job on the replica; True when this opened its circuit."""
+        keys = [self._circuit(service, name)]
+        return bool(self._failure(keys=keys, args=[now, cfg.failure_threshold, cfg.cooldown_seconds]))
+
+    def record_success(self, service: str, name: str) -> bool:
+        """A job succeeded on the replica: its circuit closes. True when it was not closed before."""
+        key = self._circuit(service, name)
+        pipe = self.r.pipeline()
+        pipe.hget(key, "state")
+        pipe.hset(key, mapping={"state": "closed", "fails": 0})
+        before, _ = pipe.execute()
+        return before not in (None, b"closed")
 
     def acquire(self, service: str, replica: ReplicaConfig, token: str, lease_seconds: float, now: float) -> bool:
         """Take one of the replica's max_concurrency slots until ``now + lease_seconds``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -90,14 +91,40 @@ def _dispatch(self: Task, ctx: WorkerContext, job_id: str) -> str:
             payload = build_payload(job, svc.kind)
         try:
             outcome: dict[str, Any] | ReplicaError = call_replica(ctx.http, choice.replica, payload)
+            _feed_circuit(self, ctx, name, choice.replica.name, ok=True)
         except ReplicaError as err:
             outcome = err
             if err.code == "REPLICA_UNREACHABLE":
                 ctx.registry.mark_down(name, choice.replica.name)
+            if err.retriable:
+                _feed_circuit(self, ctx, name, choice.replica.name, ok=False)
     finally:
         if choice.token:
             ctx.registry.release(name, choice.replica.name, choice.token)
     return _record(self, ctx, job_id, svc, attempt, outcome)
+
+
+def _feed_circuit(task: Task, ctx: WorkerContext, service: str, replica: str, *, ok: bool) -> None:
+    """Real traffic feeds each replica's circuit breaker; an opening is alerted."""
+    try:
+        if ok:
+            ctx.registry.record_success(service, replica)
+            return
+        cfg = ctx.settings.circuit_for(service)
+        if ctx.registry.record_failure(service, replica, cfg, time.time()):
+            log.warning("circuit of replica %s/%s opened", service, replica)
+            raise_alert(
+                task.app,
+                ctx.redis,
+                ctx.settings.alerts,
+                "circuit_open",
+                service,
+                f"replica {replica} failed {cfg.failure_threshold} jobs in a row; out of rotation for "
+                f"{cfg.cooldown_seconds:g} s, then trial jobs",
+                {"replica": replica},
+            )
+    except redis.RedisError as exc:  # the breaker is advisory; a job must not fail because Redis did
+        log.warning("circuit state unavailable: %s", exc)
 
 
 def _claim(ctx: WorkerContext, job_id: str) -> str | tuple[str, ServiceConfig, Choice, int]:
@@ -122,7 +149,13 @@ def _claim(ctx: WorkerContext, job_id: str) -> str | tuple[str, ServiceConfig, C
         attempt = job.attempts + 1
         lease = max(r.timeout for r in svc.replicas) + settings.gateway.lease_margin_seconds
         choice = choose(
-            ctx.registry, job.service, svc, token=f"{job_id}:{attempt}", lease_seconds=lease, avoid=failed_replicas(job)
+            ctx.registry,
+            job.service,
+            svc,
+            token=f"{job_id}:{attempt}",
+            lease_seconds=lease,
+            avoid=failed_replicas(job),
+            cooldown=settings.circuit_for(job.service).cooldown_seconds,
         )
         if choice.replica is None:
             gw = settings.gateway

@@ -38,6 +38,16 @@ def create_replica_app(
     def health() -> Response:
         return jsonify({"status": "ok", "service": service, "name": name, "in_flight": stats["in_flight"]})
 
+    @app.post("/admin/fail-rate")
+    def set_fail_rate() -> Any:
+        """Simulator control: change the share of jobs answered 503 (for outage drills and tests)."""
+        nonlocal fail_rate
+        value = (request.get_json(silent=True) or {}).get("fail_rate")
+        if not isinstance(value, int | float) or not 0 <= value <= 1:
+            return error(400, "BAD_REQUEST", "fail_rate must be a number from 0 to 1")
+        fail_rate = float(value)
+        return jsonify({"fail_rate": fail_rate})
+
     @app.get("/stats")
     def stats_view() -> Response:
         with lock:

@@ -87,6 +87,7 @@ def replicas(tmp_session: Path) -> Iterator[dict[str, str]]:
         "slow": ("codegen", {"latency_ms": 1500}),
         "slower": ("codegen", {"latency_ms": 4000}),
         "narrow": ("codegen", {"latency_ms": 800}),
+        "flippy": ("codegen", {"fail_rate": 1.0}),  # its fail rate is switched at run time
     }
     procs: list[Proc] = []
     urls: dict[str, str] = {}
@@ -181,6 +182,8 @@ def config_file(
             "lease_margin_seconds": 3,
             "hold_retry_seconds": 0.5,
             "hold_retry_max_seconds": 1,
+            # Breakers stay out of the way of tests about other things; codegen-circuit sets its own.
+            "circuit": {"failure_threshold": 1000, "cooldown_seconds": 5},
             "health": {"interval_seconds": 0.5, "timeout_seconds": 1, "unhealthy_threshold": 3, "healthy_threshold": 2},
         },
         "services": {
@@ -270,6 +273,12 @@ def config_file(
         "replicas": [{**_replica("narrow", replicas["narrow"]), "max_concurrency": 1}],
     }
     config["tiers"] = {"free": {"rate_limit": "6/minute", "concurrency": 2}}
+    services["codegen-circuit"] = {
+        "kind": "codegen",
+        **fast,
+        "circuit": {"failure_threshold": 2, "cooldown_seconds": 2},
+        "replicas": [_replica("flippy", replicas["flippy"]), _replica("codegen-b", replicas["codegen-b"])],
+    }
     services["codegen-alerting"] = {
         "kind": "codegen",
         **fast,

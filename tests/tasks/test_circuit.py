@@ -1,0 +1,59 @@
+"""Circuit breaking (issue 4, item 3): a replica failing real jobs leaves rotation after N consecutive
+failures (its jobs complete on the others), is alerted, and comes back through a half-open trial."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import redis
+
+from gateway_core.settings import Settings
+from gateway_core.states import JobState
+from tests.conftest import Inbox, TenantKey, wait_terminal
+
+S = JobState
+
+
+def _circuit(settings: Settings) -> str:
+    state = redis.Redis.from_url(settings.redis_url).hget("jobgate:replica:codegen-circuit:flippy:circuit", "state")
+    return (state or b"closed").decode()
+
+
+def _replicas_tried(job: Any) -> set[str]:
+    return {e.replica for e in job.events if e.to_state == S.DISPATCHED}
+
+
+def test_circuit_opens_on_failures_and_closes_after_a_successful_trial(
+    client: Any,
+    worker: Any,
+    tenant: TenantKey,
+    db: Any,
+    settings: Settings,
+    replicas: dict[str, str],
+    webhook_inbox: tuple[Inbox, str],
+) -> None:
+    def run_one() -> Any:
+        job_id = client.post("/v1/jobs/codegen-circuit", headers=tenant.headers, json={"prompt": "x"}).json["id"]
+        return wait_terminal(db, job_id, timeout=30)
+
+    jobs = []
+    while _circuit(settings) != "open":
+        jobs.append(run_one())
+        assert len(jobs) <= 10, "the circuit never opened"
+    assert all(j.state == S.SUCCEEDED and j.replica == "codegen-b" for j in jobs)  # no job lost to it
+    deadline = time.monotonic() + 20
+    while not webhook_inbox[0].matching(kind="circuit_open", service="codegen-circuit"):
+        assert time.monotonic() < deadline, "no circuit_open alert"
+        time.sleep(0.2)
+
+    while_open = [run_one() for _ in range(3)]  # within the 2 s cooldown: flippy is not tried at all
+    assert all(_replicas_tried(j) == {"codegen-b"} and j.attempts == 1 for j in while_open)
+
+    assert httpx.post(f"{replicas['flippy']}/admin/fail-rate", json={"fail_rate": 0}).status_code == 200
+    time.sleep(2.2)  # cooldown over: half-open, a trial job may go to flippy
+    for _ in range(20):
+        if "flippy" in _replicas_tried(run_one()):
+            break
+    assert _circuit(settings) == "closed"
