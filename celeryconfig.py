@@ -61,7 +61,10 @@ def from_settings(settings: Settings) -> dict[str, Any]:
     """Broker, routes, limits and the beat schedule for one deployment's settings."""
     gw = settings.gateway
     max_timeout = max(r.timeout for svc in settings.services.values() for r in svc.replicas)
-    transport: dict[str, Any] = {}
+    # RabbitMQ: publisher confirms, so a 202 means the broker has the message. (It redelivers an unacked
+    # message as soon as the consumer's channel closes; its consumer_timeout, 30 min by default, must
+    # exceed the longest task.)
+    transport: dict[str, Any] = {"confirm_publish": True}
     if settings.celery_broker_url.startswith(("redis", "rediss")):
         transport = {
             # Redis re-delivers any message unacked this long: a killed worker's job comes back after it.

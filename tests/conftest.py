@@ -33,6 +33,7 @@ from tests.procs import Proc, free_port, start_replica, start_worker
 
 PG = os.environ.get("JOBGATE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 REDIS = os.environ.get("JOBGATE_TEST_REDIS", "redis://127.0.0.1:6379")
+RABBITMQ = os.environ.get("JOBGATE_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672//")
 ISOLATED_QUEUE = "svc.isolated"
 REVIVE_PORT = free_port()
 
@@ -62,10 +63,26 @@ def database_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_urls() -> dict[str, str]:
+    """Gateway state in Redis db 14; the broker is Redis db 13, or RabbitMQ when JOBGATE_TEST_BROKER=rabbitmq."""
     urls = {"redis": f"{REDIS}/14", "broker": f"{REDIS}/13"}
     for url in urls.values():
         redis.Redis.from_url(url).flushdb()
+    if os.environ.get("JOBGATE_TEST_BROKER") == "rabbitmq":
+        urls["broker"] = RABBITMQ
+        _purge_rabbitmq()
     return urls
+
+
+def _purge_rabbitmq() -> None:
+    from kombu import Connection
+
+    with Connection(RABBITMQ, connect_timeout=5) as conn:
+        channel = conn.default_channel
+        for queue in ("jobgate.maintenance", "svc.transcribe", "svc.codegen", ISOLATED_QUEUE):
+            try:
+                channel.queue_purge(queue)
+            except Exception:  # a queue that does not exist yet has nothing to purge
+                channel = conn.channel()
 
 
 @pytest.fixture(scope="session")
