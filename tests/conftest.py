@@ -376,15 +376,21 @@ def tenant(db: Database) -> TenantKey:
     return make_tenant(db)
 
 
-def wait_terminal(db: Database, job_id: str, timeout: float = 20) -> Job:
-    """Poll the job row until it reaches a terminal state."""
+def wait_state(db: Database, job_id: str, states: Any, timeout: float = 20) -> Job:
+    """Poll the job row until its state is one of ``states``; the job with its events."""
+    wanted = {states} if isinstance(states, str) else set(states)
     deadline = time.monotonic() + timeout
     while True:
         with db.transaction() as s:
             job = s.get(Job, job_id)
-            if job is not None and job.state in TERMINAL:
+            if job is not None and job.state in wanted:
                 s.refresh(job, ["events"])
                 return job
         if time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} still {job.state if job else 'missing'} after {timeout} s")
         time.sleep(0.1)
+
+
+def wait_terminal(db: Database, job_id: str, timeout: float = 20) -> Job:
+    """Poll the job row until it reaches a terminal state."""
+    return wait_state(db, job_id, TERMINAL, timeout)

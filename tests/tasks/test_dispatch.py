@@ -93,8 +93,9 @@ def test_sweeper_sends_a_job_committed_but_never_published(worker: Any, tenant: 
     assert job.state == S.SUCCEEDED and job.enqueued_at is not None
 
 
-def test_job_of_a_dead_worker_is_reclaimed_after_its_lease(worker: Any, tenant: TenantKey, db: Any) -> None:
-    with db.transaction() as s:  # a worker took the job to PROCESSING and died; its lease has run out
+def _orphan(db: Any, tenant: TenantKey, attempt: int, *, processing: bool) -> str:
+    """A job whose worker took it in flight and died: its lease has run out, nothing drives it."""
+    with db.transaction() as s:
         job = create_job(s, tenant_id=tenant.tenant_id, service="codegen", request={"prompt": "x"})
         past = utcnow() - timedelta(seconds=1)
         job = transition(
@@ -102,11 +103,16 @@ def test_job_of_a_dead_worker_is_reclaimed_after_its_lease(worker: Any, tenant: 
             job,
             S.DISPATCHED,
             replica="codegen-a",
-            attempt=1,
+            attempt=attempt,
             values={"lease_expires_at": past, "enqueued_at": past - timedelta(minutes=5)},
         )
-        job = transition(s, job, S.PROCESSING)
-        job_id = job.id
+        if processing:
+            job = transition(s, job, S.PROCESSING)
+        return str(job.id)
+
+
+def test_job_of_a_dead_worker_is_reclaimed_after_its_lease(worker: Any, tenant: TenantKey, db: Any) -> None:
+    job_id = _orphan(db, tenant, 1, processing=True)
     job = wait_terminal(db, job_id, timeout=30)
     assert job.state == S.SUCCEEDED and job.attempts == 2
     reclaim = [e for e in job.events if (e.detail or {}).get("reclaimed")]
@@ -116,18 +122,7 @@ def test_job_of_a_dead_worker_is_reclaimed_after_its_lease(worker: Any, tenant: 
 def test_reclaim_with_no_attempts_left_fails_the_job(
     worker: Any, tenant: TenantKey, db: Any, settings: Settings
 ) -> None:
-    with db.transaction() as s:
-        job = create_job(s, tenant_id=tenant.tenant_id, service="codegen", request={"prompt": "x"})
-        past = utcnow() - timedelta(seconds=1)
-        job = transition(
-            s,
-            job,
-            S.DISPATCHED,
-            replica="codegen-a",
-            attempt=settings.services["codegen"].max_attempts,
-            values={"lease_expires_at": past, "enqueued_at": past - timedelta(minutes=5)},
-        )
-        job_id = job.id
+    job_id = _orphan(db, tenant, settings.services["codegen"].max_attempts, processing=False)
     job = wait_terminal(db, job_id, timeout=30)
     assert job.state == S.FAILED and job.error_code == "WORKER_LOST"
     with db.transaction() as s:

@@ -11,21 +11,10 @@ import httpx
 
 from gateway_core.models import CreditEntry, Job
 from gateway_core.states import JobState
-from tests.conftest import REVIVE_PORT, TenantKey, wait_terminal
+from tests.conftest import REVIVE_PORT, TenantKey, wait_state, wait_terminal
 from tests.procs import BIN, Proc
 
 S = JobState
-
-
-def _wait_state(db: Any, job_id: str, state: JobState, timeout: float) -> Job:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with db.transaction() as s:
-            job = s.get(Job, job_id)
-            if job is not None and job.state == state:
-                return job
-        time.sleep(0.1)
-    raise TimeoutError(f"job {job_id} never reached {state}")
 
 
 def test_held_job_runs_when_a_replica_comes_back(
@@ -33,7 +22,7 @@ def test_held_job_runs_when_a_replica_comes_back(
 ) -> None:
     job_id = client.post("/v1/jobs/codegen-revive", headers=tenant.headers, json={"prompt": "x"}).json["id"]
     # Probes (or the first refused connection) took the replica out of rotation.
-    held = _wait_state(db, job_id, S.HELD, 20)
+    held = wait_state(db, job_id, S.HELD, 20)
     assert held.attempts <= 1 and held.held_since is not None and held.next_attempt_at is not None
     time.sleep(2)
     with db.transaction() as s:  # still waiting, without a busy loop of events

@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
-from gateway_core.models import CreditEntry, Job
+from gateway_core.models import CreditEntry
 from gateway_core.states import JobState
-from tests.conftest import ISOLATED_QUEUE, make_tenant, wait_terminal
+from tests.conftest import ISOLATED_QUEUE, make_tenant, wait_state, wait_terminal
 from tests.procs import start_worker
 
 S = JobState
-
-
-def _wait_state(db: Any, job_id: str, state: JobState, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with db.transaction() as s:
-            if s.get(Job, job_id).state == state:  # type: ignore[union-attr]
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"job {job_id} never reached {state}")
 
 
 def test_killed_worker_neither_loses_the_job_nor_locks_the_tenant_out(
@@ -33,7 +22,7 @@ def test_killed_worker_neither_loses_the_job_nor_locks_the_tenant_out(
     rescuer = None
     try:
         job_id = client.post("/v1/jobs/codegen-isolated", headers=tenant.headers, json={"prompt": "x"}).json["id"]
-        _wait_state(db, job_id, S.PROCESSING, 20)  # the replica takes 4 s: the worker is mid-call
+        wait_state(db, job_id, S.PROCESSING, 20)  # the replica takes 4 s: the worker is mid-call
         doomed.signal(signal.SIGKILL)  # the whole worker, parent and pool child
         doomed.popen.wait(10)
 
