@@ -32,6 +32,10 @@ result_serializer = "json"
 # The job row is the source of truth for clients; Celery's results would be a second copy.
 task_ignore_result = True
 task_track_started = False
+# Priorities (enterprise before pro before free): Redis keeps a list per step of [0, 3, 6, 9] and serves
+# 0 first; RabbitMQ queues are declared with x-max-priority and serve higher first (publish.py maps).
+# An existing RabbitMQ queue declared without it must be deleted once to take the argument.
+task_queue_max_priority = 9
 task_default_queue = MAINTENANCE_QUEUE
 task_create_missing_queues = True
 worker_send_task_events = True  # for Flower

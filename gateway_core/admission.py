@@ -18,6 +18,7 @@ from gateway_core.models import Job, Tenant, utcnow
 from gateway_core.pricing import estimate
 from gateway_core.settings import Settings, TierConfig
 from gateway_core.states import ACTIVE
+from gateway_core.tenants import TIER_PRIORITY
 from gateway_core.usage import PeriodUsage, add_usage, usage_columns, usage_from_row, usage_params
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
@@ -144,6 +145,7 @@ def admit(
         idempotency_key=idempotency_key,
         request_hash=request_hash,
         credits_reserved=cost,
+        priority=TIER_PRIORITY.get(tenant.tier, 6),
         now=now,
     )
     reserve(session, tenant, job, cost, now)

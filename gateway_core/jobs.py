@@ -33,6 +33,7 @@ def create_job(
     idempotency_key: str | None = None,
     request_hash: str | None = None,
     credits_reserved: int = 0,
+    priority: int = 6,
     now: datetime | None = None,
 ) -> Job:
     """Record an admitted job in QUEUED, with its RECEIVED and QUEUED events; not yet sent to the broker."""
@@ -42,6 +43,7 @@ def create_job(
         idempotency_key=idempotency_key,
         request_hash=request_hash,
         credits_reserved=credits_reserved,
+        priority=priority,
         tenant_id=tenant_id,
         service=service,
         state=S.QUEUED,

@@ -121,6 +121,8 @@ class Job(Base):
     input_content_type: Mapped[str | None] = mapped_column(String(128), default=None)
     audio_seconds: Mapped[float | None] = mapped_column(Float, default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Broker priority from the tenant's tier at submit: 0 first (enterprise), 3 (pro), 6 (free).
+    priority: Mapped[int] = mapped_column(Integer, default=6, server_default="6")
     replica: Mapped[str | None] = mapped_column(String(64), default=None)
     # Until when the worker that moved the job in flight owns it; past it the sweeper re-sends the job.
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)

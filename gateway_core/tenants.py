@@ -15,6 +15,9 @@ from gateway_core.models import ApiKey, Tenant
 
 Tier = Literal["free", "pro", "enterprise"]
 TIERS: tuple[str, ...] = ("free", "pro", "enterprise")
+# Under contention enterprise jobs start before pro before free: 0 is served first (Redis' order; the
+# publisher turns it around for RabbitMQ, where higher wins).
+TIER_PRIORITY = {"enterprise": 0, "pro": 3, "free": 6}
 KEY_PREFIX = "jg_"
 
 

@@ -15,7 +15,14 @@ DISPATCH_TASK = "jobgate.dispatch_job"
 _RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 
 
-def publish_dispatch(app: Celery, job_id: str, service: str, *, countdown: float | None = None) -> bool:
+def broker_priority(app: Celery, priority: int) -> int:
+    """Our priority (0 first, as Redis orders it) in the broker's terms: RabbitMQ serves higher first."""
+    return priority if str(app.conf.broker_url).startswith(("redis", "rediss")) else 9 - priority
+
+
+def publish_dispatch(
+    app: Celery, job_id: str, service: str, *, countdown: float | None = None, priority: int = 6
+) -> bool:
     """Hand the job's dispatch message to the broker; False (logged) when the broker cannot take it."""
     try:
         app.send_task(
@@ -23,6 +30,7 @@ def publish_dispatch(app: Celery, job_id: str, service: str, *, countdown: float
             args=[job_id],
             kwargs={"service": service},
             task_id=job_id,
+            priority=broker_priority(app, priority),
             countdown=countdown,
             retry=True,
             retry_policy=_RETRY_POLICY,

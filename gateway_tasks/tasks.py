@@ -220,10 +220,10 @@ def _record(
         retry_in = backoff_seconds(attempt, svc.backoff_base_seconds, svc.backoff_max_seconds)
         detail["retry_in_seconds"] = round(retry_in, 3)
         transition(s, job, S.QUEUED, detail=detail, values={"lease_expires_at": None, "enqueued_at": None})
-        service = job.service
+        service, priority = job.service, job.priority
 
     # After the commit: a crash before this line leaves enqueued_at NULL and the sweeper re-sends it.
-    if publish_dispatch(task.app, job_id, service, countdown=retry_in):
+    if publish_dispatch(task.app, job_id, service, countdown=retry_in, priority=priority):
         with ctx.db.transaction() as s:
             mark_enqueued(s, job_id)
     return "retrying"
@@ -237,7 +237,7 @@ def sweep_jobs(self: Task) -> int:
     now = utcnow()
     with ctx.db.transaction() as s:
         due = [
-            (job.id, job.service)
+            (job.id, job.service, job.priority)
             for job in jobs_to_resend(
                 s,
                 unsent_before=now - timedelta(seconds=gw.sweep_unsent_after_seconds),
@@ -262,8 +262,8 @@ def sweep_jobs(self: Task) -> int:
             {"held_jobs": count},
         )
     sent = 0
-    for job_id, service in due:
-        if publish_dispatch(self.app, job_id, service):
+    for job_id, service, priority in due:
+        if publish_dispatch(self.app, job_id, service, priority=priority):
             with ctx.db.transaction() as s:
                 mark_enqueued(s, job_id)
             sent += 1

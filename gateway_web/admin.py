@@ -84,7 +84,7 @@ def replay_dead_letter(settings: Settings, letter_id: int) -> Job:
         job = s.get(Job, letter.job_id) if letter else None
         cost = estimate(svc, job.request, job.audio_seconds) if svc and job else 0
         job = deadletters.replay(s, letter_id, cost)
-    if publish_dispatch(c.celery, job.id, job.service):
+    if publish_dispatch(c.celery, job.id, job.service, priority=job.priority):
         with c.db.transaction() as s:
             mark_enqueued(s, job.id)
     return job

@@ -61,7 +61,7 @@ def submit(service: str) -> tuple[Response, int, dict[str, str]]:
     headers = {"Location": job_link(job.id).self}
     if admitted.replayed:
         headers["Idempotent-Replayed"] = "true"
-    elif publish_dispatch(c.celery, job.id, service):  # after the commit; else the sweeper sends it
+    elif publish_dispatch(c.celery, job.id, service, priority=job.priority):  # after commit; else the sweeper
         with c.db.transaction() as s:
             mark_enqueued(s, job.id)
     body = JobAccepted(id=job.id, status=job.state, service=service, created_at=job.created_at, links=job_link(job.id))

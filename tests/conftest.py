@@ -16,6 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# Imported while collecting, not lazily at the end of a run by its pytest plugin: on CPython 3.11.7 a
+# late import can hit python/cpython#106905 ("AST constructor recursion depth mismatch") after a session
+# that started Celery workers, failing a green run.
+import hypothesis  # noqa: F401
 import psycopg2
 import pytest
 import redis
@@ -35,6 +39,7 @@ PG = os.environ.get("JOBGATE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1
 REDIS = os.environ.get("JOBGATE_TEST_REDIS", "redis://127.0.0.1:6379")
 RABBITMQ = os.environ.get("JOBGATE_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672//")
 ISOLATED_QUEUE = "svc.isolated"
+PRIORITY_QUEUE = "svc.priority"
 REVIVE_PORT = free_port()
 
 
@@ -69,19 +74,20 @@ def redis_urls() -> dict[str, str]:
         redis.Redis.from_url(url).flushdb()
     if os.environ.get("JOBGATE_TEST_BROKER") == "rabbitmq":
         urls["broker"] = RABBITMQ
-        _purge_rabbitmq()
     return urls
 
 
-def _purge_rabbitmq() -> None:
+def _reset_rabbitmq(queues: list[str]) -> None:
+    """Delete the queues (not only purge them): Celery declares them again with x-max-priority, which an
+    existing queue declared without it would refuse."""
     from kombu import Connection
 
     with Connection(RABBITMQ, connect_timeout=5) as conn:
         channel = conn.default_channel
-        for queue in ("jobgate.maintenance", "svc.transcribe", "svc.codegen", ISOLATED_QUEUE):
+        for queue in queues:
             try:
-                channel.queue_purge(queue)
-            except Exception:  # a queue that does not exist yet has nothing to purge
+                channel.queue_delete(queue)
+            except Exception:  # a queue that does not exist yet: nothing to delete
                 channel = conn.channel()
 
 
@@ -296,6 +302,12 @@ def config_file(
         "circuit": {"failure_threshold": 2, "cooldown_seconds": 2},
         "replicas": [_replica("flippy", replicas["flippy"]), _replica("codegen-b", replicas["codegen-b"])],
     }
+    services["codegen-priority"] = {
+        "kind": "codegen",
+        **fast,
+        "queue": PRIORITY_QUEUE,
+        "replicas": [_replica("codegen-a", replicas["codegen-a"])],
+    }
     services["codegen-alerting"] = {
         "kind": "codegen",
         **fast,
@@ -326,7 +338,9 @@ def worker_env(config_file: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def worker(settings: Settings, worker_env: dict[str, str], tmp_session: Path) -> Iterator[Proc]:
     """A real Celery worker (prefork) consuming every queue, with beat embedded for the sweeper."""
-    queues = [q for q in settings.queues if q != ISOLATED_QUEUE] + ["jobgate.maintenance"]
+    if settings.celery_broker_url.startswith("amqp"):
+        _reset_rabbitmq([*settings.queues, "jobgate.maintenance"])
+    queues = [q for q in settings.queues if q not in (ISOLATED_QUEUE, PRIORITY_QUEUE)] + ["jobgate.maintenance"]
     proc = start_worker(worker_env, queues, tmp_session / "worker.log", beat_schedule=tmp_session / "beat-schedule")
     try:
         yield proc
