@@ -39,11 +39,6 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 
-def sources_of(target: JobState) -> frozenset[JobState]:
-    """Every state from which ``target`` may be reached."""
-    return frozenset(s for s, targets in TRANSITIONS.items() if target in targets)
-
-
 def check_transition(current: JobState, target: JobState) -> None:
     """Raise IllegalTransitionError unless the table allows current -> target."""
     if target not in TRANSITIONS[current]:
