@@ -61,8 +61,12 @@ class ServiceConfig(_Strict):
     enabled: bool = True
     queue: str | None = Field(default=None, description="Celery queue; svc.<service> when omitted")
     max_attempts: int = Field(default=3, ge=1, le=20)
-    backoff_base_seconds: float = Field(default=1.0, ge=0, le=60)
-    backoff_max_seconds: float = Field(default=10.0, ge=0, le=600)
+    retry_schedule_seconds: list[float] = Field(
+        default_factory=lambda: [5.0, 15.0, 45.0],
+        min_length=1,
+        description="delay before each retry on another replica (seed 003: 5 s, 15 s, 45 s), jittered; "
+        "the last one repeats",
+    )
     strategy: Literal["least_outstanding", "round_robin"] = "least_outstanding"
     circuit: CircuitConfig | None = Field(default=None, description="this service's breaker; gateway.circuit if unset")
     max_hold_seconds: float = Field(
@@ -160,7 +164,7 @@ class GatewayConfig(_Strict):
     # Fetching audio_url from loopback or private ranges is an SSRF hole in production;
     # the embedded stack and the tests serve audio from 127.0.0.1 and turn this on.
     allow_private_audio_urls: bool = False
-    visibility_timeout_seconds: int = Field(default=60, ge=5, le=43200)
+    visibility_timeout_seconds: int = Field(default=120, ge=5, le=43200)
     sweep_interval_seconds: float = Field(default=5.0, gt=0, le=600)
     sweep_unsent_after_seconds: float = Field(default=10.0, ge=0, le=3600)
     lease_margin_seconds: float = Field(default=15.0, ge=1, le=3600)
@@ -211,9 +215,10 @@ class Settings(_Strict):
         # Redis re-delivers a countdown longer than the visibility timeout (celery#2599): keep them well under.
         limit = self.gateway.visibility_timeout_seconds / 2
         for name, svc in self.services.items():
-            if svc.backoff_max_seconds > limit:
+            if max(svc.retry_schedule_seconds) > limit or min(svc.retry_schedule_seconds) < 0:
                 raise ValueError(
-                    f"services.{name}.backoff_max_seconds={svc.backoff_max_seconds} must be at most half of "
+                    f"services.{name}.retry_schedule_seconds={svc.retry_schedule_seconds} must lie between 0 and "
+                    f"half of "
                     f"gateway.visibility_timeout_seconds ({self.gateway.visibility_timeout_seconds})"
                 )
         return self

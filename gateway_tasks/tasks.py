@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
 from gateway_core import lifecycle
-from gateway_core.backoff import backoff_seconds
+from gateway_core.backoff import retry_delay
 from gateway_core.deadletters import DEAD_LETTER_CODES
 from gateway_core.jobs import (
     claimable,
@@ -217,7 +217,7 @@ def _record(
             message = f"{attempt} attempts failed; last: {outcome.code}: {outcome.message}"
             lifecycle.fail(s, job, "ALL_ATTEMPTS_FAILED", message, detail=detail)
             return "failed"
-        retry_in = backoff_seconds(attempt, svc.backoff_base_seconds, svc.backoff_max_seconds)
+        retry_in = retry_delay(attempt, svc.retry_schedule_seconds)
         detail["retry_in_seconds"] = round(retry_in, 3)
         transition(s, job, S.QUEUED, detail=detail, values={"lease_expires_at": None, "enqueued_at": None})
         service, priority = job.service, job.priority

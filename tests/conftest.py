@@ -191,7 +191,7 @@ def config_file(
     smtp_inbox: tuple[Inbox, int],
     webhook_inbox: tuple[Inbox, str],
 ) -> Path:
-    fast = {"max_attempts": 3, "backoff_base_seconds": 0.2, "backoff_max_seconds": 0.5}
+    fast = {"max_attempts": 3, "retry_schedule_seconds": [0.2, 0.5]}
     config = {
         "database_url": database_url,
         "redis_url": redis_urls["redis"],

@@ -45,7 +45,7 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
         (GOOD.replace("codegen:", "Bad Name:"), ["services", "'Bad Name'"]),
         (
             GOOD + "gateway: {visibility_timeout_seconds: 10}\n",
-            ["backoff_max_seconds=10.0", "visibility_timeout"],
+            ["retry_schedule_seconds=[5.0, 15.0, 45.0]", "visibility_timeout"],
         ),
         ("services: [1, 2", ["not valid YAML"]),
     ],
