@@ -23,6 +23,11 @@ def test_repository_gateway_yaml_is_valid() -> None:
     assert settings.queue_for("transcribe") == "svc.transcribe"
 
 
+def test_compose_gateway_yaml_is_valid() -> None:
+    settings = load_settings(Path(__file__).parents[2] / "deploy" / "gateway.compose.yaml", environ={})
+    assert {r.name for r in settings.services["codegen"].replicas} == {"codegen-a", "codegen-b"}
+
+
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
     path = tmp_path / "g.yaml"
     path.write_text(GOOD)
