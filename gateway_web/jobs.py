@@ -55,7 +55,10 @@ def submit(service: str) -> tuple[Response, int, dict[str, str]]:
     with in_flight_guard(c.redis, tenant_id, key):
         try:
             admitted = _admit(tenant_id, job_input, key, fingerprint)
-        except IntegrityError:  # a concurrent twin with the same key committed first: replay it
+        except IntegrityError:
+            if key is None:
+                raise
+            # A concurrent twin with the same Idempotency-Key committed first: replay it.
             admitted = _admit(tenant_id, job_input, key, fingerprint)
     job = admitted.job
     headers = {"Location": job_link(job.id).self}
