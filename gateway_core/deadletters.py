@@ -14,7 +14,9 @@ from gateway_core.models import DeadLetter, Job, JobEvent, utcnow
 from gateway_core.states import JobState
 
 # Failures an operator can act on; a replica rejecting bad input (REPLICA_REJECTED) is the client's to fix.
-DEAD_LETTER_CODES = frozenset({"ALL_ATTEMPTS_FAILED", "NO_REPLICA_AVAILABLE", "WORKER_LOST", "SERVICE_REMOVED"})
+DEAD_LETTER_CODES = frozenset(
+    {"ALL_ATTEMPTS_FAILED", "NO_REPLICA_AVAILABLE", "WORKER_LOST", "SERVICE_REMOVED", "DEADLINE_EXCEEDED"}
+)
 
 
 def attempts_of(job: Job) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ ENV_OVERRIDES = {
     "DATABASE_URL": "database_url",
     "REDIS_URL": "redis_url",
     "CELERY_BROKER_URL": "broker_url",
+    "JOBGATE_ZONE": "gateway.zone",
 }
 
 
@@ -32,6 +33,8 @@ class ReplicaConfig(_Strict):
     weight: int = Field(default=1, ge=1, le=1000)
     max_concurrency: int = Field(default=4, ge=1, le=10_000)
     timeout: float = Field(default=30.0, gt=0, le=3600, description="seconds allowed for one attempt")
+    zone: str | None = Field(default=None, max_length=64, description="where it runs; workers prefer their own zone")
+    tags: list[str] = Field(default_factory=list, description="free-form labels, shown in the ops views")
 
     @property
     def base_url(self) -> str:
@@ -51,6 +54,11 @@ class CircuitConfig(_Strict):
 
     failure_threshold: int = Field(default=5, ge=1, le=1000, description="consecutive failures that open it")
     cooldown_seconds: float = Field(default=5.0, gt=0, le=3600, description="open this long, then half-open")
+    error_rate_threshold: float | None = Field(
+        default=0.5, gt=0, le=1, description="share of failed jobs in a window that opens it; off when null"
+    )
+    window_seconds: float = Field(default=30.0, gt=0, le=3600, description="the error-rate window")
+    min_requests: int = Field(default=10, ge=1, le=100_000, description="jobs in the window before the rate counts")
 
 
 class ServiceConfig(_Strict):
@@ -67,7 +75,18 @@ class ServiceConfig(_Strict):
         description="delay before each retry on another replica (seed 003: 5 s, 15 s, 45 s), jittered; "
         "the last one repeats",
     )
-    strategy: Literal["least_outstanding", "round_robin"] = "least_outstanding"
+    strategy: Literal["least_outstanding", "weighted_round_robin", "consistent_hash"] = Field(
+        default="least_outstanding",
+        description="least outstanding requests per weight; smooth weighted round-robin; or a hash ring on the "
+        "tenant (affinity, minimal reshuffling)",
+    )
+    deadline_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=86400,
+        description="a job not done this long after submit fails with DEADLINE_EXCEEDED (holds and retries "
+        "included); no overall deadline when unset",
+    )
     circuit: CircuitConfig | None = Field(default=None, description="this service's breaker; gateway.circuit if unset")
     max_hold_seconds: float = Field(
         default=600, ge=0, le=86400, description="how long a job may wait HELD for a replica before it fails"
@@ -159,6 +178,9 @@ class AlertsConfig(_Strict):
 
 
 class GatewayConfig(_Strict):
+    zone: str | None = Field(
+        default=None, max_length=64, description="this process's zone (JOBGATE_ZONE): its replicas are preferred"
+    )
     max_body_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
     audio_fetch_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
     # Fetching audio_url from loopback or private ranges is an SSRF hole in production;
@@ -252,7 +274,11 @@ def parse_settings(data: Mapping[str, Any], environ: Mapping[str, str] | None = 
     merged = dict(data)
     for var, key in ENV_OVERRIDES.items():
         if environ and environ.get(var):
-            merged[key] = environ[var]
+            section, _, name = key.rpartition(".")
+            if section:
+                merged[section] = {**(merged.get(section) or {}), name: environ[var]}
+            else:
+                merged[key] = environ[var]
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:

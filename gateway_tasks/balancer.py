@@ -1,6 +1,7 @@
-"""Choosing a replica (issue 4, item 2): healthy, circuit not open, below max_concurrency, and by the
-service's strategy —
-least outstanding requests per unit of weight (default) or round-robin over a counter in Redis."""
+"""Choosing a replica (issue 4, item 2): in rotation (healthy, circuit not open), below max_concurrency,
+ordered by the service's strategy (gateway_tasks.strategies), with zone preference layered on top: when
+the worker has a zone (gateway.zone), replicas in that zone come first and the others serve only when no
+local one can take the job. Replicas that already failed this job come after all that have not."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 import redis
 
 from gateway_core.settings import ReplicaConfig, ServiceConfig
+from gateway_tasks import strategies
 from gateway_tasks.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -25,14 +27,19 @@ class Choice:
 
 
 def _order(
-    registry: Registry, service: str, svc: ServiceConfig, candidates: list[ReplicaConfig], in_flight: dict[str, int]
+    registry: Registry,
+    service: str,
+    svc: ServiceConfig,
+    candidates: list[ReplicaConfig],
+    in_flight: dict[str, int],
+    key: str,
 ) -> list[ReplicaConfig]:
-    if svc.strategy == "round_robin":
+    if svc.strategy == "weighted_round_robin":
         turn = int(registry.r.incr(f"jobgate:rr:{service}"))  # type: ignore[arg-type]
-        start = (turn - 1) % len(candidates)
-        return candidates[start:] + candidates[:start]
-    shuffled = random.sample(candidates, len(candidates))  # ties broken at random, not by config order
-    return sorted(shuffled, key=lambda rep: in_flight[rep.name] / rep.weight)
+        return strategies.weighted_round_robin(candidates, turn - 1)
+    if svc.strategy == "consistent_hash":
+        return strategies.consistent_hash(svc.replicas, candidates, key)
+    return strategies.least_outstanding(candidates, in_flight)
 
 
 def choose(
@@ -44,9 +51,12 @@ def choose(
     lease_seconds: float,
     avoid: set[str],
     cooldown: float,
+    key: str = "",
+    zone: str | None = None,
 ) -> Choice:
-    """Take a slot on the best replica, preferring those not in ``avoid`` (they failed this job);
-    a Choice without a replica when every one is unhealthy or full."""
+    """Take a slot on the best replica, preferring those not in ``avoid`` (they failed this job), then
+    those in ``zone``; ``key`` (the tenant) places the job on the consistent-hash ring. A Choice without
+    a replica when every one is out of rotation or full."""
     now = time.time()
     try:
         states = registry.snapshot(service, svc.replicas, now, cooldown)
@@ -62,10 +72,13 @@ def choose(
     in_flight = {name: st.in_flight for name, st in states.items()}
     fresh = [rep for rep in in_rotation if rep.name not in avoid]
     tried_before = [rep for rep in in_rotation if rep.name in avoid]
-    for group in (fresh, tried_before):
+    groups = [fresh, tried_before]
+    if zone:
+        groups = [part for g in groups for part in ([r for r in g if r.zone == zone], [r for r in g if r.zone != zone])]
+    for group in groups:
         if not group:
             continue
-        for rep in _order(registry, service, svc, group, in_flight):
+        for rep in _order(registry, service, svc, group, in_flight, key):
             if in_flight[rep.name] < rep.max_concurrency and registry.acquire(service, rep, token, lease_seconds, now):
                 return Choice(rep, token)
             reasons[rep.name] = "full"

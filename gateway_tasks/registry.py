@@ -3,8 +3,8 @@
 - in-flight slots: a sorted set per replica of lease tokens scored by expiry; a slot is taken atomically
   only below max_concurrency and frees itself when a killed worker's lease runs out;
 - health: up or down, from beat's probes (thresholds) and from refused connections;
-- circuit: closed, open after consecutive failures of real jobs, half-open after a cooldown (trial jobs
-  pass), closed again by a success.
+- circuit: closed; open after N consecutive failures of real jobs or an error rate over a window (with a
+  minimum of jobs in it); half-open after a cooldown (trial jobs pass); closed again by a success.
 """
 
 from __future__ import annotations
@@ -26,23 +26,42 @@ return 1
 """
 
 
-# Returns 1 when this failure opened (or re-opened) the circuit.
-_FAILURE = """
-local fails = redis.call('HINCRBY', KEYS[1], 'fails', 1)
-local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
-redis.call('EXPIRE', KEYS[1], 86400)
-if state == 'open' then
-  if tonumber(ARGV[1]) - tonumber(redis.call('HGET', KEYS[1], 'opened_at') or 0) < tonumber(ARGV[3]) then
-    return 0
+# One job's outcome on a replica. Counts consecutive failures and, per fixed window, jobs and failures.
+# Returns 'opened' when this failure opened (or, a failed half-open trial, re-opened) the circuit,
+# 'closed' when this success closed a circuit that was not closed, '' otherwise.
+_OUTCOME = """
+local key, now, ok = KEYS[1], tonumber(ARGV[1]), ARGV[2] == '1'
+local threshold, cooldown = tonumber(ARGV[3]), tonumber(ARGV[4])
+local window, min_requests, rate = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local state = redis.call('HGET', key, 'state') or 'closed'
+redis.call('EXPIRE', key, 86400)
+if now - tonumber(redis.call('HGET', key, 'win_start') or 0) >= window then
+  redis.call('HSET', key, 'win_start', now, 'win_total', 0, 'win_fail', 0)
+end
+local total = redis.call('HINCRBY', key, 'win_total', 1)
+if ok then
+  redis.call('HSET', key, 'state', 'closed', 'fails', 0)
+  if state ~= 'closed' then
+    redis.call('HSET', key, 'win_start', now, 'win_total', 0, 'win_fail', 0)
+    return 'closed'
   end
-  redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', ARGV[1])  -- a failed trial: open again
-  return 1
+  return ''
 end
-if fails >= tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', ARGV[1])
-  return 1
+local failed = redis.call('HINCRBY', key, 'win_fail', 1)
+local fails = redis.call('HINCRBY', key, 'fails', 1)
+local reason = nil
+if state == 'open' then
+  if now - tonumber(redis.call('HGET', key, 'opened_at') or 0) < cooldown then return '' end
+  reason = 'trial'
+elseif fails >= threshold then
+  reason = 'consecutive'
+elseif rate > 0 and total >= min_requests and failed / total >= rate then
+  reason = 'error_rate'
 end
-return 0
+if reason == nil then return '' end
+redis.call('HSET', key, 'state', 'open', 'opened_at', now, 'reason', reason)
+redis.call('HSET', key, 'win_start', now, 'win_total', 0, 'win_fail', 0)
+return 'opened'
 """
 
 
@@ -61,7 +80,7 @@ class Registry:
     def __init__(self, r: redis.Redis):
         self.r = r
         self._acquire = r.register_script(_ACQUIRE)
-        self._failure = r.register_script(_FAILURE)
+        self._outcome = r.register_script(_OUTCOME)
 
     @staticmethod
     def _slots(service: str, name: str) -> str:
@@ -94,19 +113,20 @@ class Registry:
             out[rep.name] = ReplicaState(int(in_flight), health != b"down", state)
         return out
 
-    def record_failure(self, service: str, name: str, cfg: CircuitConfig, now: float) -> bool:
-        """Count a failed job on the replica; True when this opened its circuit."""
-        keys = [self._circuit(service, name)]
-        return bool(self._failure(keys=keys, args=[now, cfg.failure_threshold, cfg.cooldown_seconds]))
-
-    def record_success(self, service: str, name: str) -> bool:
-        """A job succeeded on the replica: its circuit closes. True when it was not closed before."""
-        key = self._circuit(service, name)
-        pipe = self.r.pipeline()
-        pipe.hget(key, "state")
-        pipe.hset(key, mapping={"state": "closed", "fails": 0})
-        before, _ = pipe.execute()
-        return before not in (None, b"closed")
+    def record_outcome(self, service: str, name: str, ok: bool, cfg: CircuitConfig, now: float) -> str:
+        """Count one job's outcome on the replica against its breaker: 'opened' when this failure opened
+        the circuit, 'closed' when this success closed it, '' when its state did not change."""
+        args = [
+            now,
+            int(ok),
+            cfg.failure_threshold,
+            cfg.cooldown_seconds,
+            cfg.window_seconds,
+            cfg.min_requests,
+            cfg.error_rate_threshold or 0,
+        ]
+        result = self._outcome(keys=[self._circuit(service, name)], args=args)
+        return result.decode() if isinstance(result, bytes) else str(result or "")
 
     def acquire(self, service: str, replica: ReplicaConfig, token: str, lease_seconds: float, now: float) -> bool:
         """Take one of the replica's max_concurrency slots until ``now + lease_seconds``."""

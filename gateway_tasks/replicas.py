@@ -40,13 +40,18 @@ def _reason(resp: httpx.Response) -> str:
         return resp.text[:500]
 
 
-def call_replica(http: httpx.Client, replica: ReplicaConfig, payload: dict[str, Any]) -> dict[str, Any]:
-    """POST the job to the replica; its JSON answer ({output, usage}) or a ReplicaError."""
-    timeout = httpx.Timeout(replica.timeout, connect=min(5.0, replica.timeout))
+def call_replica(
+    http: httpx.Client, replica: ReplicaConfig, payload: dict[str, Any], *, timeout: float | None = None
+) -> dict[str, Any]:
+    """POST the job to the replica, allowing ``timeout`` seconds (the replica's own by default);
+    its JSON answer ({output, usage}) or a ReplicaError."""
+    seconds = replica.timeout if timeout is None else timeout
     try:
-        resp = http.post(f"{replica.base_url}/v1/process", json=payload, timeout=timeout)
+        resp = http.post(
+            f"{replica.base_url}/v1/process", json=payload, timeout=httpx.Timeout(seconds, connect=min(5.0, seconds))
+        )
     except httpx.TimeoutException:
-        raise ReplicaError("REPLICA_TIMEOUT", f"no answer within {replica.timeout} s", retriable=True) from None
+        raise ReplicaError("REPLICA_TIMEOUT", f"no answer within {seconds:g} s", retriable=True) from None
     except httpx.TransportError as exc:
         raise ReplicaError("REPLICA_UNREACHABLE", f"{exc.__class__.__name__}: {exc}", retriable=True) from None
     if resp.status_code >= 500 or resp.status_code == 429:

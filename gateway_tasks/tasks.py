@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -13,6 +13,7 @@ import redis
 from celery import Task, shared_task
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from gateway_core import lifecycle
 from gateway_core.backoff import retry_delay
@@ -89,8 +90,10 @@ def _dispatch(self: Task, ctx: WorkerContext, job_id: str) -> str:
             if job is None:
                 return "superseded"
             payload = build_payload(job, svc.kind)
+            left = _remaining(job, svc, utcnow())
+        timeout = choice.replica.timeout if left is None else max(0.1, min(choice.replica.timeout, left))
         try:
-            outcome: dict[str, Any] | ReplicaError = call_replica(ctx.http, choice.replica, payload)
+            outcome: dict[str, Any] | ReplicaError = call_replica(ctx.http, choice.replica, payload, timeout=timeout)
             _feed_circuit(self, ctx, name, choice.replica.name, ok=True)
         except ReplicaError as err:
             outcome = err
@@ -107,24 +110,43 @@ def _dispatch(self: Task, ctx: WorkerContext, job_id: str) -> str:
 def _feed_circuit(task: Task, ctx: WorkerContext, service: str, replica: str, *, ok: bool) -> None:
     """Real traffic feeds each replica's circuit breaker; an opening is alerted."""
     try:
-        if ok:
-            ctx.registry.record_success(service, replica)
-            return
         cfg = ctx.settings.circuit_for(service)
-        if ctx.registry.record_failure(service, replica, cfg, time.time()):
+        if ctx.registry.record_outcome(service, replica, ok, cfg, time.time()) == "opened":
             log.warning("circuit of replica %s/%s opened", service, replica)
+            rate = (
+                f" or {cfg.error_rate_threshold:.0%} of its jobs in {cfg.window_seconds:g} s"
+                if cfg.error_rate_threshold
+                else ""
+            )
             raise_alert(
                 task.app,
                 ctx.redis,
                 ctx.settings.alerts,
                 "circuit_open",
                 service,
-                f"replica {replica} failed {cfg.failure_threshold} jobs in a row; out of rotation for "
+                f"replica {replica} failed {cfg.failure_threshold} jobs in a row{rate}; out of rotation for "
                 f"{cfg.cooldown_seconds:g} s, then trial jobs",
                 {"replica": replica},
             )
     except redis.RedisError as exc:  # the breaker is advisory; a job must not fail because Redis did
         log.warning("circuit state unavailable: %s", exc)
+
+
+def _remaining(job: Job, svc: ServiceConfig, now: datetime) -> float | None:
+    """Seconds left before the job's overall deadline; None without one."""
+    if svc.deadline_seconds is None:
+        return None
+    return svc.deadline_seconds - (now - job.created_at).total_seconds()
+
+
+def _past_deadline(s: Session, job: Job, svc: ServiceConfig, now: datetime) -> bool:
+    """Fail the job with DEADLINE_EXCEEDED when its overall deadline has passed."""
+    left = _remaining(job, svc, now)
+    if left is None or left > 0:
+        return False
+    message = f"not done within the service's deadline of {svc.deadline_seconds:g} s after submit"
+    lifecycle.fail(s, job, "DEADLINE_EXCEEDED", message, detail={"outcome": "deadline", "attempts": job.attempts})
+    return True
 
 
 def _claim(ctx: WorkerContext, job_id: str) -> str | tuple[str, ServiceConfig, Choice, int]:
@@ -142,6 +164,8 @@ def _claim(ctx: WorkerContext, job_id: str) -> str | tuple[str, ServiceConfig, C
         if svc is None:
             lifecycle.fail(s, job, "SERVICE_REMOVED", f"service {job.service} is not configured")
             return "failed"
+        if _past_deadline(s, job, svc, now):
+            return "failed"
         if job.state in IN_FLIGHT and job.attempts >= svc.max_attempts:  # its last worker died mid-attempt
             message = f"worker lost during attempt {job.attempts} of {svc.max_attempts}"
             lifecycle.fail(s, job, "WORKER_LOST", message, detail={"outcome": "worker_lost"})
@@ -156,6 +180,8 @@ def _claim(ctx: WorkerContext, job_id: str) -> str | tuple[str, ServiceConfig, C
             lease_seconds=lease,
             avoid=failed_replicas(job),
             cooldown=settings.circuit_for(job.service).cooldown_seconds,
+            key=str(job.tenant_id),
+            zone=settings.gateway.zone,
         )
         if choice.replica is None:
             gw = settings.gateway
@@ -218,6 +244,13 @@ def _record(
             lifecycle.fail(s, job, "ALL_ATTEMPTS_FAILED", message, detail=detail)
             return "failed"
         retry_in = retry_delay(attempt, svc.retry_schedule_seconds)
+        left = _remaining(job, svc, utcnow())
+        if left is not None and left <= retry_in:
+            message = (
+                f"{attempt} attempt(s) failed and the deadline of {svc.deadline_seconds:g} s comes before the next"
+            )
+            lifecycle.fail(s, job, "DEADLINE_EXCEEDED", message, detail=detail)
+            return "failed"
         detail["retry_in_seconds"] = round(retry_in, 3)
         transition(s, job, S.QUEUED, detail=detail, values={"lease_expires_at": None, "enqueued_at": None})
         service, priority = job.service, job.priority

@@ -41,6 +41,7 @@ RABBITMQ = os.environ.get("JOBGATE_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1
 ISOLATED_QUEUE = "svc.isolated"
 PRIORITY_QUEUE = "svc.priority"
 REVIVE_PORT = free_port()
+CHAOS_PORT = free_port()  # tests/tasks/test_chaos.py kills and restarts the replica "chaos" on it
 
 
 def _admin_pg() -> Any:
@@ -104,6 +105,7 @@ def replicas(tmp_session: Path) -> Iterator[dict[str, str]]:
         "transcribe-b": ("transcribe", {}),
         "codegen-a": ("codegen", {}),
         "codegen-b": ("codegen", {}),
+        "codegen-c": ("codegen", {}),
         "flaky": ("codegen", {"fail_rate": 1.0}),
         "down-1": ("codegen", {"fail_rate": 1.0}),
         "down-2": ("codegen", {"fail_rate": 1.0}),
@@ -206,7 +208,7 @@ def config_file(
             "hold_retry_seconds": 0.5,
             "hold_retry_max_seconds": 1,
             # Breakers stay out of the way of tests about other things; codegen-circuit sets its own.
-            "circuit": {"failure_threshold": 1000, "cooldown_seconds": 5},
+            "circuit": {"failure_threshold": 1000, "error_rate_threshold": None, "cooldown_seconds": 5},
             "health": {"interval_seconds": 0.5, "timeout_seconds": 1, "unhealthy_threshold": 3, "healthy_threshold": 2},
         },
         "services": {
@@ -230,7 +232,7 @@ def config_file(
             "codegen-flaky": {
                 "kind": "codegen",
                 **fast,
-                "strategy": "round_robin",  # alternates first attempts: one of two jobs meets the failing replica
+                "strategy": "weighted_round_robin",  # alternates: one of two jobs meets the failing replica first
                 "replicas": [
                     _replica("flaky", replicas["flaky"]),
                     _replica("codegen-b", replicas["codegen-b"]),
@@ -313,6 +315,58 @@ def config_file(
         **fast,
         "replicas": [_replica("down-1", replicas["down-1"]), _replica("down-2", replicas["down-2"])],
     }
+    # One service per strategy over the same three replicas (tests/tasks/test_strategies.py); the session
+    # worker's zone is "us" (gateway.zone), which only codegen-zoned's replicas declare.
+    trio = ["codegen-a", "codegen-b", "codegen-c"]
+    wide = {"max_concurrency": 64}  # never full: the strategy alone decides
+    services["codegen-lor"] = {
+        "kind": "codegen",
+        **fast,
+        "replicas": [{**_replica(n, replicas[n]), **wide} for n in trio],
+    }
+    services["codegen-wrr"] = {
+        "kind": "codegen",
+        **fast,
+        "strategy": "weighted_round_robin",
+        "replicas": [{**_replica(n, replicas[n]), **wide, "weight": w} for n, w in zip(trio, (1, 2, 3), strict=True)],
+    }
+    services["codegen-hash"] = {
+        "kind": "codegen",
+        **fast,
+        "strategy": "consistent_hash",
+        "replicas": [{**_replica(n, replicas[n]), **wide} for n in trio],
+    }
+    services["codegen-zoned"] = {
+        "kind": "codegen",
+        **fast,
+        "replicas": [
+            {**_replica(n, replicas[n]), **wide, "zone": z} for n, z in zip(trio, ("eu", "us", "us"), strict=True)
+        ],
+    }
+    services["codegen-deadline"] = {
+        "kind": "codegen",
+        "max_attempts": 10,
+        "retry_schedule_seconds": [0.2],
+        "deadline_seconds": 2.5,
+        "replicas": [_replica("slow", replicas["slow"], timeout=1)],
+    }
+    services["codegen-chaos"] = {
+        "kind": "codegen",
+        **fast,
+        "circuit": {"failure_threshold": 2, "cooldown_seconds": 1},
+        "replicas": [
+            {**_replica("chaos", f"http://127.0.0.1:{CHAOS_PORT}"), "max_concurrency": 8},
+            {**_replica("codegen-c", replicas["codegen-c"]), "max_concurrency": 8},
+        ],
+    }
+    # Served by workers tests start and kill (tests/tasks/test_chaos.py): a 1.5 s call, a 2 s timeout.
+    services["codegen-poison"] = {
+        "kind": "codegen",
+        **fast,
+        "queue": ISOLATED_QUEUE,
+        "replicas": [_replica("slow", replicas["slow"], timeout=2)],
+    }
+    config["gateway"]["zone"] = "us"
     config["alerts"] = {
         "smtp": {"host": "127.0.0.1", "port": smtp_inbox[1], "sender": "jobgate@test", "to": ["ops@test"]},
         "webhook_url": webhook_inbox[1],

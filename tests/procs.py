@@ -69,9 +69,9 @@ class Proc:
 
 
 def start_replica(
-    tmp: Path, service: str, name: str, *, latency_ms: int = 0, fail_rate: float = 0.0
+    tmp: Path, service: str, name: str, *, latency_ms: int = 0, fail_rate: float = 0.0, port: int = 0
 ) -> tuple[Proc, str]:
-    """A reference replica on a free port; returns the process and its base URL."""
+    """A reference replica on ``port`` (a free one by default); returns the process and its base URL."""
     proc = Proc(
         [
             str(BIN / "jobgate"),
@@ -81,13 +81,13 @@ def start_replica(
             "--name",
             name,
             "--port",
-            "0",
+            str(port),
             "--latency-ms",
             str(latency_ms),
             "--fail-rate",
             str(fail_rate),
         ],
-        tmp / f"replica-{name}.log",
+        tmp / f"replica-{name}-{uuid.uuid4().hex[:4]}.log",
     )
     out = proc.wait_for(lambda o: "listening on http://" in o, 30, f"replica {name}")
     url = out.split("listening on ", 1)[1].split()[0]

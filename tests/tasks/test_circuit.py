@@ -57,3 +57,26 @@ def test_circuit_opens_on_failures_and_closes_after_a_successful_trial(
         if "flippy" in _replicas_tried(run_one()):
             break
     assert _circuit(settings) == "closed"
+
+
+def test_an_error_rate_over_the_window_opens_the_circuit(settings: Settings) -> None:
+    from gateway_core.settings import CircuitConfig
+    from gateway_tasks.registry import Registry
+
+    registry = Registry(redis.Redis.from_url(settings.redis_url))
+    cfg = CircuitConfig(failure_threshold=100, error_rate_threshold=0.5, window_seconds=30, min_requests=10)
+    t0 = 1_000_000.0
+
+    def outcomes(name: str, pattern: str, start: float, step: float = 1.0) -> list[str]:
+        return [registry.record_outcome("rate", name, c == "+", cfg, start + i * step) for i, c in enumerate(pattern)]
+
+    # Never two failures in a row, but half of ten jobs failed within 30 s: open at the tenth.
+    assert outcomes("r1", "+-+-+-+-+-", t0) == [""] * 9 + ["opened"]
+    # 40 % failed: stays closed.
+    assert "opened" not in outcomes("r2", "++-++-++-+", t0)
+    # The same failures spread over windows of 30 s never reach ten jobs in one window.
+    assert "opened" not in outcomes("r3", "+-+-+-+-+-+-", t0, step=7)
+    # Consecutive failures still open it on their own, and a success after the cooldown closes it.
+    strict = cfg.model_copy(update={"failure_threshold": 3})
+    assert [registry.record_outcome("rate", "r4", False, strict, t0 + i) for i in range(3)] == ["", "", "opened"]
+    assert registry.record_outcome("rate", "r4", True, strict, t0 + 10) == "closed"

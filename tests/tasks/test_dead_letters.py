@@ -122,3 +122,17 @@ def test_alerts_test_command_sends_one_of_each_kind(
         assert f"{kind}: sent by webhook, email" in out.stdout
         assert webhook_inbox[0].matching(kind=kind, service="test")
         assert [m for m in smtp_inbox[0].items if f"{kind} on test" in m["subject"]]
+
+
+def test_a_job_past_its_overall_deadline_fails_before_its_attempts_run_out(client: Any, worker: Any, db: Any) -> None:
+    # codegen-deadline: 10 attempts of 1 s on a replica that needs 1.5 s, but 2.5 s in all.
+    tenant = make_tenant(db, credits=10)
+    start = time.monotonic()
+    job_id = client.post("/v1/jobs/codegen-deadline", headers=tenant.headers, json={"prompt": "x"}).json["id"]
+    job = wait_terminal(db, job_id, timeout=30)
+    assert job.state == S.FAILED and job.error_code == "DEADLINE_EXCEEDED", job.error_message
+    assert 1 <= job.attempts <= 3 and time.monotonic() - start < 10
+    with db.transaction() as s:
+        assert s.get(Tenant, tenant.tenant_id).credits_balance == 10  # the reservation came back
+    listed = client.get("/v1/admin/dead-letters?service=codegen-deadline", headers=_admin_headers(db)).json
+    assert job_id in {d["job_id"] for d in listed["dead_letters"]}
