@@ -1,0 +1,149 @@
+"""Failures of real processes (issue 4): a replica SIGKILLed under load, a worker's pool child SIGKILLed
+mid-job, and a poison job that takes its worker down on every attempt."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+from sqlalchemy import select
+
+from gateway_core.models import CreditEntry, DeadLetter, Job
+from gateway_core.settings import Settings
+from gateway_core.states import JobState
+from tests.conftest import CHAOS_PORT, ISOLATED_QUEUE, Inbox, TenantKey, make_tenant, wait_state, wait_terminal
+from tests.procs import Proc, start_replica, start_worker
+
+S = JobState
+
+
+def _until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.1)
+    return result
+
+
+def _submit(client: Any, tenant: TenantKey, service: str, prompt: str = "x") -> str:
+    resp = client.post(f"/v1/jobs/{service}", headers=tenant.headers, json={"prompt": prompt})
+    assert resp.status_code == 202, resp.json
+    return str(resp.json["id"])
+
+
+def _circuit(settings: Settings, replica: str) -> str:
+    r = redis.Redis.from_url(settings.redis_url)
+    return (r.hget(f"jobgate:replica:codegen-chaos:{replica}:circuit", "state") or b"closed").decode()
+
+
+def test_a_replica_killed_under_load_loses_no_job_and_comes_back_through_its_circuit(
+    client: Any, worker: Any, db: Any, settings: Settings, tmp_path: Path
+) -> None:
+    tenant = make_tenant(db, tier="enterprise", credits=10_000, concurrency_limit=1000)
+    chaos, _ = start_replica(tmp_path, "codegen", "chaos", latency_ms=1000, port=CHAOS_PORT)
+    revived: Proc | None = None
+    try:
+        # Until probes see it up, jobs go to codegen-c alone.
+        _until(
+            lambda: wait_terminal(db, _submit(client, tenant, "codegen-chaos")).replica == "chaos", 30, "in rotation"
+        )
+        ids = [_submit(client, tenant, "codegen-chaos", f"p{i}") for i in range(40)]
+
+        def on_chaos() -> int:
+            with db.transaction() as s:
+                return len(s.scalars(select(Job.id).where(Job.replica == "chaos", Job.state == S.PROCESSING)).all())
+
+        _until(lambda: on_chaos() >= 2, 30, "two jobs in flight on the replica")
+        chaos.signal(signal.SIGKILL)
+        chaos.popen.wait(10)
+
+        jobs = [wait_terminal(db, job_id, timeout=60) for job_id in ids]
+        assert all(j.state == S.SUCCEEDED for j in jobs), {j.id: j.error_code for j in jobs if j.state != S.SUCCEEDED}
+        failed_over = [j for j in jobs if j.attempts > 1]
+        assert len(failed_over) >= 2 and all(j.replica == "codegen-c" for j in failed_over)
+        assert _circuit(settings, "chaos") == "open"  # two failures in a row
+
+        revived, _ = start_replica(tmp_path, "codegen", "chaos", port=CHAOS_PORT)
+        # Probes bring it back (2 successes), the cooldown (1 s) lets a trial through, the trial closes it.
+        _until(lambda: wait_terminal(db, _submit(client, tenant, "codegen-chaos")).replica == "chaos", 30, "back")
+        assert _circuit(settings, "chaos") == "closed"
+    finally:
+        chaos.stop()
+        if revived is not None:
+            revived.stop()
+
+
+def _pool_child(worker: Proc) -> psutil.Process:
+    children = psutil.Process(worker.pid).children()
+    assert len(children) == 1, children  # concurrency 1: one prefork child
+    return children[0]
+
+
+def test_a_pool_child_killed_mid_job_ends_the_job_once(
+    client: Any, worker: Any, worker_env: dict[str, str], db: Any, tmp_path: Path
+) -> None:
+    tenant = make_tenant(db, concurrency_limit=1)
+    isolated = start_worker(worker_env, [ISOLATED_QUEUE], tmp_path / "isolated.log", concurrency=1)
+    try:
+        job_id = _submit(client, tenant, "codegen-poison")
+        wait_state(db, job_id, S.PROCESSING, 20)  # the replica takes 1.5 s: the child is mid-call
+        _pool_child(isolated).send_signal(signal.SIGKILL)  # the parent lives on and forks a new child
+
+        job = wait_terminal(db, job_id, timeout=60)
+        assert job.state == S.SUCCEEDED and job.attempts == 2
+        assert [e.to_state for e in job.events].count(S.SUCCEEDED) == 1
+        with db.transaction() as s:
+            kinds = [e.kind for e in s.query(CreditEntry).filter_by(job_id=job_id).order_by(CreditEntry.id)]
+        assert kinds == ["reserve", "capture"]  # charged once
+        again = _submit(client, tenant, "codegen-poison")  # the tenant's only slot is free again
+        assert wait_terminal(db, again, timeout=30).state == S.SUCCEEDED
+    finally:
+        isolated.stop()
+
+
+def test_a_poison_job_stops_after_its_attempts_dead_lettered_refunded_and_alerted_once(
+    client: Any,
+    worker: Any,
+    worker_env: dict[str, str],
+    db: Any,
+    tmp_path: Path,
+    webhook_inbox: tuple[Inbox, str],
+) -> None:
+    tenant = make_tenant(db, credits=10)
+    isolated = start_worker(worker_env, [ISOLATED_QUEUE], tmp_path / "isolated.log", concurrency=1)
+    try:
+        job_id = _submit(client, tenant, "codegen-poison")
+        killed: set[int] = set()
+        deadline = time.monotonic() + 90
+        # Every attempt takes its worker down (as a crash in the call would): kill the pool child each time.
+        while True:
+            with db.transaction() as s:
+                job = s.get(Job, job_id)
+                assert job is not None
+                state, attempts = job.state, job.attempts
+            if state in (S.SUCCEEDED, S.FAILED, S.CANCELED):
+                break
+            if state == S.PROCESSING and attempts not in killed:
+                _pool_child(isolated).send_signal(signal.SIGKILL)
+                killed.add(attempts)
+            assert time.monotonic() < deadline, f"still {state} after {sorted(killed)} kills"
+            time.sleep(0.05)
+
+        job = wait_terminal(db, job_id)
+        assert job.state == S.FAILED and job.error_code == "WORKER_LOST", job.error_message
+        assert killed == {1, 2, 3} and job.attempts == 3  # max_attempts, then no further try
+        with db.transaction() as s:
+            kinds = [e.kind for e in s.query(CreditEntry).filter_by(job_id=job_id).order_by(CreditEntry.id)]
+            letters = s.scalars(select(DeadLetter).where(DeadLetter.job_id == job_id)).all()
+        assert kinds == ["reserve", "release"] and len(letters) == 1  # refunded once, one dead letter
+        _until(lambda: webhook_inbox[0].matching(kind="job_failed", service="codegen-poison"), 20, "alert")
+        time.sleep(3)  # no loop: nothing further happens to the job, no second alert
+        assert len(webhook_inbox[0].matching(kind="job_failed", service="codegen-poison")) == 1
+        assert wait_terminal(db, job_id).attempts == 3
+    finally:
+        isolated.stop()
