@@ -2,25 +2,42 @@
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
 from functools import cached_property
 from typing import Any
 
 import httpx
 import redis
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 
 import celeryconfig
 from gateway_core.db import Database
+from gateway_core.live import LiveSettings, request_reload
 from gateway_core.settings import Settings
 from gateway_tasks.registry import Registry
+
+log = logging.getLogger(__name__)
 
 
 class WorkerContext:
     """What tasks need, created on first use in each process (never before a fork)."""
 
     def __init__(self, settings: Settings):
-        self.settings = settings
+        self.live = LiveSettings(settings)
+
+    @property
+    def settings(self) -> Settings:
+        return self.live.current
+
+    def refresh(self) -> None:
+        """Pick up a config reload (gateway_core.live) before a task; the task keeps what it read."""
+        try:
+            self.live.poll(self.redis)
+        except redis.RedisError as exc:
+            log.warning("config generation unavailable: %s", exc)
 
     @cached_property
     def db(self) -> Database:
@@ -57,6 +74,27 @@ def create_celery(settings: Settings) -> JobgateCelery:
     app.conf.update(celeryconfig.from_settings(settings))
     app.jobgate = WorkerContext(settings)
     return app
+
+
+@worker_ready.connect
+def _reload_on_sighup(sender: Any = None, **_kw: Any) -> None:
+    """In the worker's main process, SIGHUP asks for a config reload (validated first) instead of Celery's
+    restart: the pool keeps running, in-flight jobs are untouched, and every process picks the change up."""
+    app = getattr(sender, "app", None)
+    ctx = getattr(app, "jobgate", None)
+    if not isinstance(ctx, WorkerContext) or threading.current_thread() is not threading.main_thread():
+        return
+
+    def reload() -> None:
+        r = redis.Redis.from_url(ctx.settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+        try:
+            request_reload(ctx.settings, ctx.live.path, r)
+        except redis.RedisError as exc:
+            log.error("config reload not propagated, Redis unavailable: %s", exc)
+        finally:
+            r.close()
+
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=reload, name="config-reload").start())
 
 
 @worker_process_init.connect

@@ -3,6 +3,7 @@
 - in-flight slots: a sorted set per replica of lease tokens scored by expiry; a slot is taken atomically
   only below max_concurrency and frees itself when a killed worker's lease runs out;
 - health: up or down, from beat's probes (thresholds) and from refused connections;
+- recent latency: a weighted mean of answered calls, with the circuit's counters;
 - circuit: closed; open after N consecutive failures of real jobs or an error rate over a window (with a
   minimum of jobs in it); half-open after a cooldown (trial jobs pass); closed again by a success.
 """
@@ -33,8 +34,13 @@ _OUTCOME = """
 local key, now, ok = KEYS[1], tonumber(ARGV[1]), ARGV[2] == '1'
 local threshold, cooldown = tonumber(ARGV[3]), tonumber(ARGV[4])
 local window, min_requests, rate = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local latency = tonumber(ARGV[8])
 local state = redis.call('HGET', key, 'state') or 'closed'
 redis.call('EXPIRE', key, 86400)
+if latency >= 0 then  -- recent latency: an exponentially weighted mean of answered calls
+  local before = tonumber(redis.call('HGET', key, 'latency_ms'))
+  redis.call('HSET', key, 'latency_ms', before and (0.8 * before + 0.2 * latency) or latency)
+end
 if now - tonumber(redis.call('HGET', key, 'win_start') or 0) >= window then
   redis.call('HSET', key, 'win_start', now, 'win_total', 0, 'win_fail', 0)
 end
@@ -70,6 +76,7 @@ class ReplicaState:
     in_flight: int
     healthy: bool  # a replica never probed counts as healthy, so a fresh deployment serves at once
     circuit: str = "closed"  # closed | open | half_open (open, cooled down: trial jobs pass)
+    latency_ms: float | None = None  # recent latency of answered calls (weighted mean); None before any
 
     @property
     def in_rotation(self) -> bool:
@@ -102,20 +109,23 @@ class Registry:
         for rep in replicas:
             pipe.zcount(self._slots(service, rep.name), f"({now}", "+inf")
             pipe.hget(self._health(service, rep.name), "state")
-            pipe.hmget(self._circuit(service, rep.name), ["state", "opened_at"])
+            pipe.hmget(self._circuit(service, rep.name), ["state", "opened_at", "latency_ms"])
         values = pipe.execute()
         out = {}
         for i, rep in enumerate(replicas):
-            in_flight, health, (circuit, opened_at) = values[3 * i : 3 * i + 3]
+            in_flight, health, (circuit, opened_at, latency) = values[3 * i : 3 * i + 3]
             state = (circuit or b"closed").decode()
             if state == "open" and now - float(opened_at or 0) >= cooldown:
                 state = "half_open"
-            out[rep.name] = ReplicaState(int(in_flight), health != b"down", state)
+            out[rep.name] = ReplicaState(int(in_flight), health != b"down", state, float(latency) if latency else None)
         return out
 
-    def record_outcome(self, service: str, name: str, ok: bool, cfg: CircuitConfig, now: float) -> str:
-        """Count one job's outcome on the replica against its breaker: 'opened' when this failure opened
-        the circuit, 'closed' when this success closed it, '' when its state did not change."""
+    def record_outcome(
+        self, service: str, name: str, ok: bool, cfg: CircuitConfig, now: float, latency: float | None = None
+    ) -> str:
+        """Count one job's outcome on the replica against its breaker (and its ``latency`` in seconds when it
+        answered): 'opened' when this failure opened the circuit, 'closed' when this success closed it, ''
+        when its state did not change."""
         args = [
             now,
             int(ok),
@@ -124,6 +134,7 @@ class Registry:
             cfg.window_seconds,
             cfg.min_requests,
             cfg.error_rate_threshold or 0,
+            -1 if latency is None else round(latency * 1000, 3),
         ]
         result = self._outcome(keys=[self._circuit(service, name)], args=args)
         return result.decode() if isinstance(result, bytes) else str(result or "")

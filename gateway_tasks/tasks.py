@@ -40,7 +40,9 @@ S = JobState
 
 
 def _ctx(task: Task) -> WorkerContext:
-    return task.app.jobgate
+    ctx: WorkerContext = task.app.jobgate
+    ctx.refresh()
+    return ctx
 
 
 @shared_task(
@@ -92,26 +94,31 @@ def _dispatch(self: Task, ctx: WorkerContext, job_id: str) -> str:
             payload = build_payload(job, svc.kind)
             left = _remaining(job, svc, utcnow())
         timeout = choice.replica.timeout if left is None else max(0.1, min(choice.replica.timeout, left))
+        started = time.monotonic()
         try:
             outcome: dict[str, Any] | ReplicaError = call_replica(ctx.http, choice.replica, payload, timeout=timeout)
-            _feed_circuit(self, ctx, name, choice.replica.name, ok=True)
+            _feed_circuit(self, ctx, name, choice.replica.name, ok=True, latency=time.monotonic() - started)
         except ReplicaError as err:
             outcome = err
             if err.code == "REPLICA_UNREACHABLE":
                 ctx.registry.mark_down(name, choice.replica.name)
             if err.retriable:
-                _feed_circuit(self, ctx, name, choice.replica.name, ok=False)
+                answered = err.status is not None
+                latency = time.monotonic() - started if answered else None
+                _feed_circuit(self, ctx, name, choice.replica.name, ok=False, latency=latency)
     finally:
         if choice.token:
             ctx.registry.release(name, choice.replica.name, choice.token)
     return _record(self, ctx, job_id, svc, attempt, outcome)
 
 
-def _feed_circuit(task: Task, ctx: WorkerContext, service: str, replica: str, *, ok: bool) -> None:
-    """Real traffic feeds each replica's circuit breaker; an opening is alerted."""
+def _feed_circuit(
+    task: Task, ctx: WorkerContext, service: str, replica: str, *, ok: bool, latency: float | None
+) -> None:
+    """Real traffic feeds each replica's circuit breaker and recent latency; an opening is alerted."""
     try:
         cfg = ctx.settings.circuit_for(service)
-        if ctx.registry.record_outcome(service, replica, ok, cfg, time.time()) == "opened":
+        if ctx.registry.record_outcome(service, replica, ok, cfg, time.time(), latency) == "opened":
             log.warning("circuit of replica %s/%s opened", service, replica)
             rate = (
                 f" or {cfg.error_rate_threshold:.0%} of its jobs in {cfg.window_seconds:g} s"

@@ -5,17 +5,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from flask import Response, jsonify
+from flask import Response, current_app, jsonify
 from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel, Field
 
 from gateway_core import credits as ledger
 from gateway_core import deadletters
-from gateway_core.errors import InvalidRequestError
+from gateway_core.errors import InvalidRequestError, ValidationFailedError
 from gateway_core.jobs import mark_enqueued
+from gateway_core.live import request_reload
 from gateway_core.models import DeadLetter, Job
 from gateway_core.pricing import estimate
-from gateway_core.settings import Settings
+from gateway_core.settings import Settings, config_path
 from gateway_tasks.publish import publish_dispatch
 from gateway_web.auth import SECURITY, require_scope
 from gateway_web.context import ctx
@@ -90,6 +91,12 @@ def replay_dead_letter(settings: Settings, letter_id: int) -> Job:
     return job
 
 
+class ReloadOut(BaseModel):
+    generation: int = Field(description="the config generation every process moves to within about a second")
+    changes: list[str] = Field(description="what the new file changes, e.g. services.codegen.replicas")
+    restart_required: list[str] = Field(description="changes a reload does not apply (connection URLs, queues)")
+
+
 def make_blueprint(app: JobgateOpenAPI) -> APIBlueprint:
     settings: Settings = app.extensions["jobgate"].settings
     cost = settings.rate_limits.read_cost
@@ -128,6 +135,27 @@ def make_blueprint(app: JobgateOpenAPI) -> APIBlueprint:
         del out["events"]
         return jsonify(out), 202
 
+    def reload_config() -> Response:
+        """Validate gateway.yaml and, when good, have every web and worker process apply it (about a second);
+        a bad file is refused with the reasons and the running config keeps serving."""
+        require_scope("admin")
+        c = ctx()
+        path = current_app.config.get("JOBGATE_CONFIG_PATH") or config_path()
+        result = request_reload(c.settings, path, c.redis)
+        if not result.ok:
+            raise ValidationFailedError(
+                "the config file was refused; the running config stays",
+                code="CONFIG_INVALID",
+                details={"errors": result.error},
+            )
+        out = ReloadOut(
+            generation=result.generation or 0, changes=result.changes, restart_required=result.restart_required
+        )
+        return jsonify(out.model_dump(mode="json"))
+
+    bp.post("/config/reload", responses={200: ReloadOut, 422: ErrorEnvelope, **ERRORS})(
+        limited(app, settings, reload_config, weight=cost, endpoint_limit=None)
+    )
     bp.post(
         "/tenants/<int:tenant_id>/credits",
         responses={201: GrantOut, 400: ErrorEnvelope, 404: ErrorEnvelope, **ERRORS},

@@ -141,6 +141,27 @@ def dead_letters_replay(letter_id: int) -> None:
 
 
 @main.group()
+def config() -> None:
+    """Live configuration."""
+
+
+@config.command("reload")
+def config_reload() -> None:
+    """Validate gateway.yaml and have every running web and worker process apply it (within about a second).
+    A bad file is refused and nothing changes."""
+    import redis
+
+    from gateway_core.live import request_reload
+    from gateway_core.settings import config_path
+
+    settings = _settings()  # a bad file stops here, with the reasons
+    result = request_reload(settings, config_path(), redis.Redis.from_url(settings.redis_url, socket_timeout=5))
+    if not result.ok:
+        raise click.ClickException(result.error or "refused")
+    click.echo(f"config generation {result.generation}: every process applies it within about a second")
+
+
+@main.group()
 def alerts() -> None:
     """Admin alerts."""
 

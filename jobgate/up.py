@@ -101,7 +101,7 @@ def run_stack(data_dir: Path, port: int, flower_port: int, redis_port: int, *, w
     m.add_process(
         "web",
         f"{py} -m gunicorn --no-control-socket --workers 1 --worker-class gthread --threads 8 "
-        f"--bind 127.0.0.1:{port} --access-logfile - 'gateway_web:create_app()'",
+        f"--bind 127.0.0.1:{port} --access-logfile - 'gateway_web:create_live_app()'",
         env=env,
     )
     for queue in settings.queues:

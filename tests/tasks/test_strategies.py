@@ -51,11 +51,19 @@ def _tenants(db: Any, n: int) -> list[TenantKey]:
     return [make_tenant(db, tier="enterprise", credits=10_000, concurrency_limit=10_000) for _ in range(n)]
 
 
-def test_least_outstanding_spreads_jobs_over_every_replica(client: Any, worker: Any, db: Any) -> None:
+def test_least_outstanding_spreads_jobs_over_every_replica(
+    client: Any, worker: Any, db: Any, settings: Settings
+) -> None:
     jobs = _run(client, db, "codegen-lor", _tenants(db, 3), JOBS // 3)
     counts = Counter(j.replica for j in jobs)
     assert set(counts) == {"codegen-a", "codegen-b", "codegen-c"}
     assert all(n >= JOBS * 0.2 for n in counts.values()), counts  # an even share is 100 each
+    # Their live state, shared in Redis: nothing in flight now, and a recent latency from the calls.
+    states = Registry(redis.Redis.from_url(settings.redis_url)).snapshot(
+        "codegen-lor", settings.services["codegen-lor"].replicas, time.time(), 5
+    )
+    assert all(st.in_flight == 0 and st.healthy and st.circuit == "closed" for st in states.values())
+    assert all(st.latency_ms is not None and 0 < st.latency_ms < 5000 for st in states.values()), states
 
 
 def test_weighted_round_robin_follows_the_weights(client: Any, worker: Any, db: Any) -> None:

@@ -13,6 +13,7 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
+from gateway_core.credits import lock_tenant
 from gateway_core.models import CreditEntry, Job, Tenant
 from gateway_core.settings import Settings
 from gateway_web import create_app
@@ -37,8 +38,13 @@ def _ledger(db: Any, tenant_id: int, job_id: str | None = None) -> list[tuple[st
 
 
 def _assert_ledger_consistent(db: Any, tenant_id: int) -> Tenant:
-    t = _tenant_row(db, tenant_id)
-    entries = _ledger(db, tenant_id)
+    # Under the tenant's row lock, which every ledger change takes: no worker settles a job in between.
+    with db.transaction() as s:
+        t = lock_tenant(s, tenant_id)
+        entries = [
+            (e.kind, e.amount, e.reserved_change)
+            for e in s.scalars(select(CreditEntry).where(CreditEntry.tenant_id == tenant_id))
+        ]
     assert t.credits_balance == sum(a for _, a, _ in entries) >= 0
     assert t.credits_reserved == sum(r for _, _, r in entries) >= 0
     return t
