@@ -103,3 +103,20 @@ def cancel(session: Session, job_id: str, tenant_id: int) -> Job:
             return done
         session.expire(job)
     raise JobFinishedError(f"job {job_id} kept changing; try again", details={"id": job_id})
+
+
+def deadline_left(job: Job, deadline_seconds: float | None, now: datetime) -> float | None:
+    """Seconds left before the job's overall deadline (its service's deadline_seconds); None without one."""
+    if deadline_seconds is None:
+        return None
+    return deadline_seconds - (now - job.created_at).total_seconds()
+
+
+def fail_past_deadline(session: Session, job: Job, deadline_seconds: float | None, now: datetime) -> bool:
+    """Fail the job with DEADLINE_EXCEEDED when its overall deadline has passed; True when it did."""
+    left = deadline_left(job, deadline_seconds, now)
+    if left is None or left > 0:
+        return False
+    message = f"not done within the service's deadline of {deadline_seconds:g} s after submit"
+    fail(session, job, "DEADLINE_EXCEEDED", message, detail={"outcome": "deadline", "attempts": job.attempts})
+    return True

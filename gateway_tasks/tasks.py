@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -13,7 +13,6 @@ import redis
 from celery import Task, shared_task
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
 
 from gateway_core import lifecycle
 from gateway_core.backoff import retry_delay
@@ -92,7 +91,7 @@ def _dispatch(self: Task, ctx: WorkerContext, job_id: str) -> str:
             if job is None:
                 return "superseded"
             payload = build_payload(job, svc.kind)
-            left = _remaining(job, svc, utcnow())
+            left = lifecycle.deadline_left(job, svc.deadline_seconds, utcnow())
         timeout = choice.replica.timeout if left is None else max(0.1, min(choice.replica.timeout, left))
         started = time.monotonic()
         try:
@@ -139,23 +138,6 @@ def _feed_circuit(
         log.warning("circuit state unavailable: %s", exc)
 
 
-def _remaining(job: Job, svc: ServiceConfig, now: datetime) -> float | None:
-    """Seconds left before the job's overall deadline; None without one."""
-    if svc.deadline_seconds is None:
-        return None
-    return svc.deadline_seconds - (now - job.created_at).total_seconds()
-
-
-def _past_deadline(s: Session, job: Job, svc: ServiceConfig, now: datetime) -> bool:
-    """Fail the job with DEADLINE_EXCEEDED when its overall deadline has passed."""
-    left = _remaining(job, svc, now)
-    if left is None or left > 0:
-        return False
-    message = f"not done within the service's deadline of {svc.deadline_seconds:g} s after submit"
-    lifecycle.fail(s, job, "DEADLINE_EXCEEDED", message, detail={"outcome": "deadline", "attempts": job.attempts})
-    return True
-
-
 def _claim(ctx: WorkerContext, job_id: str) -> str | tuple[str, ServiceConfig, Choice, int]:
     """Move a claimable job to DISPATCHED on a replica slot; or hold, fail, or skip it (returns why)."""
     settings = ctx.settings
@@ -171,7 +153,7 @@ def _claim(ctx: WorkerContext, job_id: str) -> str | tuple[str, ServiceConfig, C
         if svc is None:
             lifecycle.fail(s, job, "SERVICE_REMOVED", f"service {job.service} is not configured")
             return "failed"
-        if _past_deadline(s, job, svc, now):
+        if lifecycle.fail_past_deadline(s, job, svc.deadline_seconds, now):
             return "failed"
         if job.state in IN_FLIGHT and job.attempts >= svc.max_attempts:  # its last worker died mid-attempt
             message = f"worker lost during attempt {job.attempts} of {svc.max_attempts}"
@@ -251,7 +233,7 @@ def _record(
             lifecycle.fail(s, job, "ALL_ATTEMPTS_FAILED", message, detail=detail)
             return "failed"
         retry_in = retry_delay(attempt, svc.retry_schedule_seconds)
-        left = _remaining(job, svc, utcnow())
+        left = lifecycle.deadline_left(job, svc.deadline_seconds, utcnow())
         if left is not None and left <= retry_in:
             message = (
                 f"{attempt} attempt(s) failed and the deadline of {svc.deadline_seconds:g} s comes before the next"
