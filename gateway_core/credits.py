@@ -3,14 +3,20 @@ to the sums of its entries, changed only here, under a row lock on the tenant.""
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.sql.dml import Insert
 
+from gateway_core.db import Writes, insert_rows, write_together
 from gateway_core.errors import GatewayError, InvalidRequestError, NotFoundError
 from gateway_core.models import CreditEntry, Job, Tenant, utcnow
-from gateway_core.usage import add_usage
+from gateway_core.usage import usage_write
 
 KINDS = ("grant", "reserve", "capture", "release", "refund", "adjustment")
 
@@ -30,34 +36,59 @@ def lock_tenant(session: Session, tenant_id: int) -> Tenant:
     return tenant
 
 
-def _record(
-    session: Session,
-    tenant: Tenant,
-    kind: str,
-    amount: int,
-    reserved_change: int = 0,
-    *,
-    job_id: str | None = None,
-    note: str | None = None,
-    now: datetime | None = None,
-) -> CreditEntry:
-    tenant.credits_balance += amount
-    tenant.credits_reserved += reserved_change
-    if tenant.credits_balance < 0 or tenant.credits_reserved < 0:
-        raise AssertionError(f"ledger entry {kind} {amount}/{reserved_change} would go below zero")
-    entry = CreditEntry(
-        tenant_id=tenant.id,
-        job_id=job_id,
-        kind=kind,
-        amount=amount,
-        reserved_change=reserved_change,
-        balance_after=tenant.credits_balance,
-        reserved_after=tenant.credits_reserved,
-        note=note,
-        created_at=now or utcnow(),
+@dataclass(frozen=True)
+class Movement:
+    kind: str
+    amount: int  # change of the spendable balance
+    reserved_change: int = 0  # change of the credits held for open jobs
+    job_id: str | None = None
+    note: str | None = None
+
+
+def ledger_writes(tenant: Tenant, movements: list[Movement], now: datetime | None = None) -> Writes:
+    """The writes that apply ``movements`` to a locked tenant: its new balance and reserved credits and
+    one ledger entry per movement, each with the sums after it. The loaded tenant shows the new sums."""
+    now = now or utcnow()
+    balance, reserved = tenant.credits_balance, tenant.credits_reserved
+    params: dict[str, Any] = {"tenant__id": tenant.id}
+    for i, m in enumerate(movements):
+        balance, reserved = balance + m.amount, reserved + m.reserved_change
+        if balance < 0 or reserved < 0:
+            raise AssertionError(f"ledger entry {m.kind} {m.amount}/{m.reserved_change} would go below zero")
+        entry = {
+            "tenant_id": tenant.id,
+            "job_id": m.job_id,
+            "kind": m.kind,
+            "amount": m.amount,
+            "reserved_change": m.reserved_change,
+            "balance_after": balance,
+            "reserved_after": reserved,
+            "note": m.note,
+            "created_at": now,
+        }
+        params.update({f"entry{i}__{name}": value for name, value in entry.items()})
+    params.update({"tenant__credits_balance": balance, "tenant__credits_reserved": reserved})
+    writes = Writes([_SET_SUMS, _entries_insert(len(movements))], params)
+    set_committed_value(tenant, "credits_balance", balance)
+    set_committed_value(tenant, "credits_reserved", reserved)
+    return writes
+
+
+_TENANTS = cast(Table, Tenant.__table__)
+_ENTRIES = cast(Table, CreditEntry.__table__)
+_SET_SUMS = (
+    update(_TENANTS)
+    .where(_TENANTS.c.id == bindparam("tenant__id"))
+    .values(
+        credits_balance=bindparam("tenant__credits_balance"), credits_reserved=bindparam("tenant__credits_reserved")
     )
-    session.add(entry)
-    return entry
+)
+
+
+@functools.cache
+def _entries_insert(count: int) -> Insert:
+    columns = [c.key for c in _ENTRIES.columns if c.key != "id"]
+    return insert_rows(_ENTRIES, [f"entry{i}" for i in range(count)], columns)
 
 
 def grant(session: Session, tenant_id: int, amount: int, *, kind: str = "grant", note: str | None = None) -> Tenant:
@@ -72,8 +103,7 @@ def grant(session: Session, tenant_id: int, amount: int, *, kind: str = "grant",
             f"an adjustment of {amount} would take the balance ({tenant.credits_balance}) below zero",
             details={"balance": tenant.credits_balance, "amount": amount},
         )
-    _record(session, tenant, kind, amount, note=note)
-    session.flush()
+    write_together(session, ledger_writes(tenant, [Movement(kind, amount, note=note)]))
     return tenant
 
 
@@ -85,34 +115,38 @@ def check_affordable(tenant: Tenant, cost: int) -> None:
         )
 
 
-def reserve(session: Session, tenant: Tenant, job: Job, cost: int, now: datetime | None = None) -> None:
-    """Hold ``cost`` credits of a locked tenant for ``job`` (created with credits_reserved=cost);
-    InsufficientCreditsError (402) when short."""
+def reservation(tenant: Tenant, job_id: str, cost: int, now: datetime | None = None) -> Writes:
+    """The writes that hold ``cost`` credits of a locked tenant for a job created with
+    credits_reserved=cost; InsufficientCreditsError (402) when short."""
     check_affordable(tenant, cost)
-    if cost:
-        _record(session, tenant, "reserve", -cost, cost, job_id=job.id, now=now)
+    return ledger_writes(tenant, [Movement("reserve", -cost, cost, job_id)], now) if cost else Writes()
 
 
 def settle(session: Session, job: Job, charged: int) -> None:
     """On success: capture ``charged`` of the job's reservation and release the rest."""
     charged = min(charged, job.credits_reserved)
-    tenant = lock_tenant(session, job.tenant_id)
-    if job.credits_reserved:
-        _record(session, tenant, "capture", 0, -charged, job_id=job.id)
     rest = job.credits_reserved - charged
+    moves = [Movement("capture", 0, -charged, job.id)] if job.credits_reserved else []
     if rest:
-        _record(session, tenant, "release", rest, -rest, job_id=job.id)
-        add_usage(session, job.tenant_id, job.created_at, jobs=0, credits=-rest)
+        moves.append(Movement("release", rest, -rest, job.id))
+    _give_back(session, job, moves, rest)
     job.credits_charged = charged
 
 
 def release(session: Session, job: Job) -> None:
     """On failure or cancel: give the whole reservation back."""
-    tenant = lock_tenant(session, job.tenant_id)
-    if job.credits_reserved:
-        _record(session, tenant, "release", job.credits_reserved, -job.credits_reserved, job_id=job.id)
-        add_usage(session, job.tenant_id, job.created_at, jobs=0, credits=-job.credits_reserved)
+    moves = [Movement("release", job.credits_reserved, -job.credits_reserved, job.id)] if job.credits_reserved else []
+    _give_back(session, job, moves, job.credits_reserved)
     job.credits_charged = 0
+
+
+def _give_back(session: Session, job: Job, moves: list[Movement], unused: int) -> None:
+    """Apply a finished job's ledger movements and take its unused credits off its day's and month's usage."""
+    tenant = lock_tenant(session, job.tenant_id)
+    writes = ledger_writes(tenant, moves) if moves else Writes()
+    if unused:
+        writes += usage_write(session, job.tenant_id, job.created_at, jobs=0, credits=-unused)
+    write_together(session, writes)
 
 
 def entries_page(session: Session, tenant_id: int, *, before: int | None, limit: int) -> list[CreditEntry]:

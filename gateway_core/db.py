@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import Table, bindparam, create_engine, event, insert, select, union_all
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.dml import Insert, Update
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -74,3 +77,46 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+@dataclass
+class Writes:
+    """INSERT/UPDATE statements built once, with bind parameters named ``<table>__<column>`` (never a
+    column's own name, so one dict of values can feed them all), and the values for one execution."""
+
+    statements: list[Insert | Update] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __add__(self, other: Writes) -> Writes:
+        clash = [k for k in self.params.keys() & other.params.keys() if self.params[k] != other.params[k]]
+        if clash:  # the same statement twice with different values: it needs its own parameter names
+            raise ValueError(f"writes disagree on {sorted(clash)}")
+        return Writes([*self.statements, *other.statements], {**self.params, **other.params})
+
+
+def write_together(session: Session, writes: Writes) -> None:
+    """Run independent writes in one round trip where the database allows it.
+
+    PostgreSQL runs them as data-modifying CTEs of one statement: they share one snapshot, so none may
+    read what another writes or touch the same row, and foreign keys between their rows are checked when
+    the statement ends. Elsewhere (SQLite) they run one after another in the same transaction."""
+    statements = writes.statements
+    if len(statements) > 1 and session.get_bind().dialect.name == "postgresql":
+        statements = [_together(tuple(statements))]
+    for stmt in statements:
+        session.execute(stmt, writes.params)
+
+
+@functools.lru_cache(maxsize=64)
+def _together(statements: tuple[Insert | Update, ...]) -> Insert | Update:
+    """One statement of several built-once ones, itself built once, so SQLAlchemy compiles it once."""
+    first, *rest = statements
+    return first.add_cte(*(stmt.cte(f"write_{i}") for i, stmt in enumerate(rest)))
+
+
+def insert_rows(table: Table, prefixes: Sequence[str], columns: Sequence[str]) -> Insert:
+    """An INSERT of one row per prefix, in that order (ids follow it), each column's value the parameter
+    ``<prefix>__<column>``. Written INSERT … SELECT … UNION ALL …: SQLAlchemy caches no multi-row VALUES,
+    and sibling statements of ``write_together`` run in no set order."""
+    rows = [select(*(bindparam(f"{p}__{c}", type_=table.c[c].type) for c in columns)) for p in prefixes]
+    return insert(table).from_select(list(columns), rows[0] if len(rows) == 1 else union_all(*rows))

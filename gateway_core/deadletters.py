@@ -8,10 +8,12 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from gateway_core.credits import lock_tenant, reserve
+from gateway_core.credits import lock_tenant, reservation
+from gateway_core.db import write_together
 from gateway_core.errors import InvalidRequestError, NotFoundError
 from gateway_core.models import DeadLetter, Job, JobEvent, utcnow
 from gateway_core.states import JobState
+from gateway_core.usage import usage_write
 
 # Failures an operator can act on; a replica rejecting bad input (REPLICA_REJECTED) is the client's to fix.
 DEAD_LETTER_CODES = frozenset(
@@ -65,7 +67,9 @@ def replay(session: Session, letter_id: int, credits: int) -> Job:
         raise InvalidRequestError(f"dead letter {letter_id} was already replayed", code="ALREADY_REPLAYED")
     now = utcnow()
     tenant = lock_tenant(session, job.tenant_id)
-    reserve(session, tenant, job, credits)
+    # Counted in the usage of the job's own day and month, where its settlement gives back what it did not use.
+    usage = usage_write(session, job.tenant_id, job.created_at, jobs=1, credits=credits)
+    write_together(session, reservation(tenant, job.id, credits, now) + usage)
     session.execute(
         update(Job)
         .where(Job.id == job.id, Job.state == JobState.FAILED)

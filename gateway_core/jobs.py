@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Table, bindparam, insert, or_, select, update
+from sqlalchemy.orm import Session, make_transient_to_detached
 
+from gateway_core.db import Writes, insert_rows, write_together
 from gateway_core.errors import NotFoundError
 from gateway_core.models import Job, JobEvent, utcnow
 from gateway_core.states import IN_FLIGHT, TERMINAL, JobState, check_transition
@@ -21,8 +22,7 @@ from gateway_core.states import IN_FLIGHT, TERMINAL, JobState, check_transition
 S = JobState
 
 
-def create_job(
-    session: Session,
+def new_job(
     *,
     tenant_id: int,
     service: str,
@@ -35,30 +35,62 @@ def create_job(
     credits_reserved: int = 0,
     priority: int = 6,
     now: datetime | None = None,
-) -> Job:
-    """Record an admitted job in QUEUED, with its RECEIVED and QUEUED events; not yet sent to the broker."""
+) -> tuple[Job, Writes]:
+    """An admitted job in QUEUED, and the statements that record it with its RECEIVED and QUEUED events
+    (for ``write_together`` with whatever else the same transaction writes)."""
     now = now or utcnow()
-    job = Job(
-        id=str(uuid.uuid4()),
-        idempotency_key=idempotency_key,
-        request_hash=request_hash,
-        credits_reserved=credits_reserved,
-        priority=priority,
-        tenant_id=tenant_id,
-        service=service,
-        state=S.QUEUED,
-        request=request,
-        input_data=input_data,
-        input_content_type=input_content_type,
-        audio_seconds=audio_seconds,
-        created_at=now,
-        updated_at=now,
-    )
+    values: dict[str, Any] = {
+        "id": str(uuid.uuid4()),
+        "tenant_id": tenant_id,
+        "service": service,
+        "state": S.QUEUED,
+        "request": request,
+        "input_data": input_data,
+        "input_content_type": input_content_type,
+        "audio_seconds": audio_seconds,
+        "attempts": 0,
+        "priority": priority,
+        "credits_reserved": credits_reserved,
+        "idempotency_key": idempotency_key,
+        "request_hash": request_hash,
+        "created_at": now,
+        "updated_at": now,
+    }
+    job = Job(**values, **dict.fromkeys(_UNSET))
+    params = {f"job__{name}": value for name, value in values.items()}
+    for prefix, before, after in (("received", None, S.RECEIVED), ("queued", S.RECEIVED, S.QUEUED)):
+        event = {"job_id": values["id"], "at": now, "from_state": before, "to_state": after, "attempt": 0}
+        params.update({f"{prefix}__{name}": value for name, value in event.items()})
+    return job, Writes(list(_RECORD_JOB), params)
+
+
+def create_job(session: Session, **fields: Any) -> Job:
+    """Record a job in QUEUED (see ``new_job``) in one round trip; not yet sent to the broker."""
+    job, writes = new_job(**fields)
+    write_together(session, writes)
+    return loaded(session, job)
+
+
+def loaded(session: Session, job: Job) -> Job:
+    """Put a job just inserted by ``new_job``'s statements into the session as if read back, without
+    reading it: every column is set, its events load when asked for."""
+    make_transient_to_detached(job)
     session.add(job)
-    session.add(JobEvent(job_id=job.id, at=now, from_state=None, to_state=S.RECEIVED))
-    session.add(JobEvent(job_id=job.id, at=now, from_state=S.RECEIVED, to_state=S.QUEUED))
-    session.flush()
     return job
+
+
+_JOBS = cast(Table, Job.__table__)
+_EVENTS = cast(Table, JobEvent.__table__)
+_SET_AT_CREATION = (
+    "id tenant_id service state request input_data input_content_type audio_seconds attempts priority "
+    "credits_reserved idempotency_key request_hash created_at updated_at"
+).split()
+_UNSET = [c.key for c in _JOBS.columns if c.key not in _SET_AT_CREATION]  # all NULL for a new job
+_EVENT_COLUMNS = ["job_id", "at", "from_state", "to_state", "attempt"]
+_RECORD_JOB = (
+    insert(_JOBS).values({name: bindparam(f"job__{name}", type_=_JOBS.c[name].type) for name in _SET_AT_CREATION}),
+    insert_rows(_EVENTS, ["received", "queued"], _EVENT_COLUMNS),
+)
 
 
 def transition(

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Date, bindparam, func, select
+from sqlalchemy import ColumnElement, Date, Table, bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import Insert
 
+from gateway_core.db import Writes
 from gateway_core.models import TenantUsage
 
 PERIODS = ("day", "month")
@@ -59,30 +62,37 @@ def usage_now(session: Session, tenant_id: int, now: datetime) -> dict[str, Peri
     return usage_from_row(tuple(session.execute(select(*usage_columns(tenant_id)), usage_params(now)).one()))
 
 
-def _upsert(dialect: str) -> Any:
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(TenantUsage)
-    return stmt.on_conflict_do_update(
-        index_elements=[TenantUsage.tenant_id, TenantUsage.period, TenantUsage.starts_on],
-        set_={
-            "jobs": TenantUsage.jobs + stmt.excluded.jobs,
-            "credits": func.max(TenantUsage.credits + stmt.excluded.credits, 0)
-            if dialect == "sqlite"
-            else func.greatest(TenantUsage.credits + stmt.excluded.credits, 0),
-        },
-    )
+def usage_write(session: Session, tenant_id: int, when: datetime, *, jobs: int, credits: int) -> Writes:
+    """The upserts that count jobs and credits against the day and month ``when`` falls in (credits never
+    below zero)."""
+    params: dict[str, Any] = {f"usage__{period}": start for period, start in period_starts(when).items()}
+    params.update({"usage__tenant_id": tenant_id, "usage__jobs": jobs, "usage__credits": credits})
+    return Writes(list(_upserts(session.get_bind().dialect.name)), params)
 
 
-def add_usage(session: Session, tenant_id: int, when: datetime, *, jobs: int, credits: int) -> None:
-    """Count jobs and credits against the day and month ``when`` falls in (one upsert, both rows)."""
-    dialect = session.get_bind().dialect.name
-    if dialect not in _UPSERTS:
-        _UPSERTS[dialect] = _upsert(dialect)
-    rows = [
-        {"tenant_id": tenant_id, "period": period, "starts_on": start, "jobs": jobs, "credits": credits}
-        for period, start in period_starts(when).items()
-    ]
-    session.execute(_UPSERTS[dialect], rows)
+@functools.cache
+def _upserts(dialect: str) -> tuple[Insert, ...]:
+    """One upsert per period (a single-row statement: SQLAlchemy caches those, not multi-row ones)."""
+    floor = func.greatest if dialect == "postgresql" else func.max
+    upserts = []
+    for period in PERIODS:
+        stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_USAGE).values(
+            tenant_id=bindparam("usage__tenant_id"),
+            period=period,
+            starts_on=bindparam(f"usage__{period}", type_=Date),
+            jobs=bindparam("usage__jobs"),
+            credits=bindparam("usage__credits"),
+        )
+        upserts.append(
+            stmt.on_conflict_do_update(
+                index_elements=[_USAGE.c.tenant_id, _USAGE.c.period, _USAGE.c.starts_on],
+                set_={
+                    "jobs": _USAGE.c.jobs + stmt.excluded.jobs,
+                    "credits": floor(_USAGE.c.credits + stmt.excluded.credits, 0),
+                },
+            )
+        )
+    return tuple(upserts)
 
 
-_UPSERTS: dict[str, Any] = {}
+_USAGE = cast(Table, TenantUsage.__table__)
