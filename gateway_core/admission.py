@@ -10,18 +10,16 @@ from typing import Any
 
 from sqlalchemy import Integer, bindparam, func, select, update
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.elements import BindParameter
 
 from gateway_core.credits import check_affordable, reservation
 from gateway_core.db import write_together
 from gateway_core.errors import ConcurrencyLimitError, IdempotencyKeyReusedError, NotFoundError, QuotaExceededError
 from gateway_core.jobs import loaded, new_job
-from gateway_core.models import Job, Tenant, utcnow
+from gateway_core.models import ACTIVE_SQL, Job, Tenant, utcnow
 from gateway_core.pricing import estimate
 from gateway_core.settings import Settings, TierConfig
-from gateway_core.states import ACTIVE
 from gateway_core.tenants import TIER_PRIORITY
-from gateway_core.usage import PeriodUsage, usage_columns, usage_from_row, usage_params, usage_write
+from gateway_core.usage import PeriodUsage, count_usage, usage_now
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 
@@ -54,17 +52,11 @@ def limits_of(tenant: Tenant, tier: TierConfig) -> dict[str, int | None]:
     }
 
 
-# Inline, in the order of the partial index's predicate, so both databases match the query to the index.
-_ACTIVE_STATES: BindParameter[list[str]] = bindparam(
-    "active_states", sorted(ACTIVE), expanding=True, literal_execute=True
-)
-
-
 def active_jobs_column(tenant_id: Any) -> Any:
     return (
         select(func.count())
         .select_from(Job)
-        .where(Job.tenant_id == tenant_id, Job.state.in_(_ACTIVE_STATES))
+        .where(Job.tenant_id == tenant_id, ACTIVE_SQL)  # the partial index's own predicate: it is used
         .scalar_subquery()
     )
 
@@ -76,7 +68,7 @@ def active_jobs(session: Session, tenant_id: int) -> int:
 # Built once: the same statement for every admission, so SQLAlchemy compiles it once.
 _TENANT = bindparam("tenant_id", type_=Integer)
 _LOCK_AND_READ = (
-    select(Tenant, active_jobs_column(_TENANT), *usage_columns(_TENANT))
+    select(Tenant, active_jobs_column(_TENANT))
     .where(Tenant.id == _TENANT)
     .with_for_update(of=Tenant)
     .execution_options(populate_existing=True)
@@ -85,10 +77,10 @@ _LOCK_AND_READ = (
 
 def _lock_and_read(session: Session, tenant_id: int, now: datetime) -> tuple[Tenant, int, dict[str, PeriodUsage]]:
     """Lock the tenant and read its active jobs and usage in one statement (one round trip)."""
-    row = session.execute(_LOCK_AND_READ, {"tenant_id": tenant_id, **usage_params(now)}).one_or_none()
+    row = session.execute(_LOCK_AND_READ, {"tenant_id": tenant_id}).one_or_none()
     if row is None:
         raise NotFoundError(f"no tenant {tenant_id}", details={"tenant_id": tenant_id})
-    return row[0], int(row[1]), usage_from_row(tuple(row[2:]))
+    return row[0], int(row[1]), usage_now(row[0], now)
 
 
 def _replay(session: Session, tenant_id: int, key: str, request_hash: str, now: datetime) -> Job | None:
@@ -159,6 +151,6 @@ def admit(
         now=now,
     )
     # The job, its events, the reservation and the usage: one round trip after the locked read.
-    counted = usage_write(session, tenant_id, now, jobs=1, credits=cost)
-    write_together(session, job_writes + reservation(tenant, job.id, cost, now) + counted)
+    count_usage(tenant, now, jobs=1, credits=cost)
+    write_together(session, job_writes + reservation(tenant, job.id, cost, now))
     return Admitted(loaded(session, job), replayed=False)

@@ -16,7 +16,7 @@ from sqlalchemy.sql.dml import Insert
 from gateway_core.db import Writes, insert_rows, write_together
 from gateway_core.errors import GatewayError, InvalidRequestError, NotFoundError
 from gateway_core.models import CreditEntry, Job, Tenant, utcnow
-from gateway_core.usage import usage_write
+from gateway_core.usage import count_usage
 
 KINDS = ("grant", "reserve", "capture", "release", "refund", "adjustment")
 
@@ -46,11 +46,12 @@ class Movement:
 
 
 def ledger_writes(tenant: Tenant, movements: list[Movement], now: datetime | None = None) -> Writes:
-    """The writes that apply ``movements`` to a locked tenant: its new balance and reserved credits and
-    one ledger entry per movement, each with the sums after it. The loaded tenant shows the new sums."""
+    """The writes that apply ``movements`` to a locked tenant: one ledger entry per movement, each with
+    the sums after it, and the tenant row's counters — its new balance and reserved credits, and its usage
+    as ``usage.count_usage`` left it. The loaded tenant shows the new sums."""
     now = now or utcnow()
     balance, reserved = tenant.credits_balance, tenant.credits_reserved
-    params: dict[str, Any] = {"tenant__id": tenant.id}
+    params: dict[str, Any] = {}
     for i, m in enumerate(movements):
         balance, reserved = balance + m.amount, reserved + m.reserved_change
         if balance < 0 or reserved < 0:
@@ -67,21 +68,19 @@ def ledger_writes(tenant: Tenant, movements: list[Movement], now: datetime | Non
             "created_at": now,
         }
         params.update({f"entry{i}__{name}": value for name, value in entry.items()})
-    params.update({"tenant__credits_balance": balance, "tenant__credits_reserved": reserved})
-    writes = Writes([_SET_SUMS, _entries_insert(len(movements))], params)
     set_committed_value(tenant, "credits_balance", balance)
     set_committed_value(tenant, "credits_reserved", reserved)
-    return writes
+    params.update({f"tenant__{name}": getattr(tenant, name) for name in ("id", *_COUNTERS)})
+    return Writes([_WRITE_COUNTERS, _entries_insert(len(movements))] if movements else [_WRITE_COUNTERS], params)
 
 
 _TENANTS = cast(Table, Tenant.__table__)
 _ENTRIES = cast(Table, CreditEntry.__table__)
-_SET_SUMS = (
+_COUNTERS = [c.key for c in _TENANTS.columns if c.key.startswith(("credits_", "usage_"))]
+_WRITE_COUNTERS = (
     update(_TENANTS)
     .where(_TENANTS.c.id == bindparam("tenant__id"))
-    .values(
-        credits_balance=bindparam("tenant__credits_balance"), credits_reserved=bindparam("tenant__credits_reserved")
-    )
+    .values({name: bindparam(f"tenant__{name}", type_=_TENANTS.c[name].type) for name in _COUNTERS})
 )
 
 
@@ -117,9 +116,9 @@ def check_affordable(tenant: Tenant, cost: int) -> None:
 
 def reservation(tenant: Tenant, job_id: str, cost: int, now: datetime | None = None) -> Writes:
     """The writes that hold ``cost`` credits of a locked tenant for a job created with
-    credits_reserved=cost; InsufficientCreditsError (402) when short."""
+    credits_reserved=cost (and write its counters); InsufficientCreditsError (402) when short."""
     check_affordable(tenant, cost)
-    return ledger_writes(tenant, [Movement("reserve", -cost, cost, job_id)], now) if cost else Writes()
+    return ledger_writes(tenant, [Movement("reserve", -cost, cost, job_id)] if cost else [], now)
 
 
 def settle(session: Session, job: Job, charged: int) -> None:
@@ -143,10 +142,8 @@ def release(session: Session, job: Job) -> None:
 def _give_back(session: Session, job: Job, moves: list[Movement], unused: int) -> None:
     """Apply a finished job's ledger movements and take its unused credits off its day's and month's usage."""
     tenant = lock_tenant(session, job.tenant_id)
-    writes = ledger_writes(tenant, moves) if moves else Writes()
-    if unused:
-        writes += usage_write(session, job.tenant_id, job.created_at, jobs=0, credits=-unused)
-    write_together(session, writes)
+    count_usage(tenant, job.created_at, jobs=0, credits=-unused)
+    write_together(session, ledger_writes(tenant, moves))
 
 
 def entries_page(session: Session, tenant_id: int, *, before: int | None, limit: int) -> list[CreditEntry]:

@@ -13,7 +13,7 @@ from gateway_core.db import write_together
 from gateway_core.errors import InvalidRequestError, NotFoundError
 from gateway_core.models import DeadLetter, Job, JobEvent, utcnow
 from gateway_core.states import JobState
-from gateway_core.usage import usage_write
+from gateway_core.usage import count_usage
 
 # Failures an operator can act on; a replica rejecting bad input (REPLICA_REJECTED) is the client's to fix.
 DEAD_LETTER_CODES = frozenset(
@@ -67,9 +67,10 @@ def replay(session: Session, letter_id: int, credits: int) -> Job:
         raise InvalidRequestError(f"dead letter {letter_id} was already replayed", code="ALREADY_REPLAYED")
     now = utcnow()
     tenant = lock_tenant(session, job.tenant_id)
-    # Counted in the usage of the job's own day and month, where its settlement gives back what it did not use.
-    usage = usage_write(session, job.tenant_id, job.created_at, jobs=1, credits=credits)
-    write_together(session, reservation(tenant, job.id, credits, now) + usage)
+    # Counted in the usage of the job's own day and month, where its settlement gives back what it did not
+    # use; dropped when that period has ended (the replay's spend is in the ledger either way).
+    count_usage(tenant, job.created_at, jobs=1, credits=credits)
+    write_together(session, reservation(tenant, job.id, credits, now))
     session.execute(
         update(Job)
         .where(Job.id == job.id, Job.state == JobState.FAILED)

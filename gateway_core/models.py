@@ -54,8 +54,7 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
 
 
-# The literal predicate of the active-jobs index; a query uses the index when it says the same, with
-# the states inline in this order (see gateway_core.admission).
+# The predicate of the active-jobs index, literal; a query that says the same uses the index.
 ACTIVE_SQL = text("state IN ({})".format(", ".join(f"'{s.value}'" for s in sorted(ACTIVE))))
 
 
@@ -89,6 +88,14 @@ class Tenant(Base):
     monthly_credit_quota: Mapped[int | None] = mapped_column(BigInteger, default=None)
     daily_job_quota: Mapped[int | None] = mapped_column(Integer, default=None)
     monthly_job_quota: Mapped[int | None] = mapped_column(Integer, default=None)
+    # Jobs and credits admitted in the current day and month (UTC), for quotas: the counters of the period
+    # starting on usage_day / usage_month (a period that has ended counts as nothing; see gateway_core.usage).
+    usage_day: Mapped[date | None] = mapped_column(Date, default=None)
+    usage_day_jobs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    usage_day_credits: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    usage_month: Mapped[date | None] = mapped_column(Date, default=None)
+    usage_month_jobs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    usage_month_credits: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     api_keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant")
 
@@ -191,18 +198,6 @@ class CreditEntry(Base):
     reserved_after: Mapped[int] = mapped_column(BigInteger)
     note: Mapped[str | None] = mapped_column(String(255), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-
-
-class TenantUsage(Base):
-    """Jobs and credits admitted per tenant per day and per month, for quotas."""
-
-    __tablename__ = "tenant_usage"
-
-    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
-    period: Mapped[str] = mapped_column(String(8), primary_key=True)  # day | month
-    starts_on: Mapped[date] = mapped_column(Date, primary_key=True)
-    jobs: Mapped[int] = mapped_column(Integer, default=0)
-    credits: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class DeadLetter(Base):

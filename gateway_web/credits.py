@@ -77,7 +77,7 @@ def make_blueprint(app: JobgateOpenAPI) -> APIBlueprint:
             assert tenant is not None
             tier = settings.tiers[tenant.tier]
             limits = limits_of(tenant, tier)
-            used = usage_now(s, tenant_id, now)
+            used = usage_now(tenant, now)
             entries = ledger.entries_page(s, tenant_id, before=query.cursor, limit=query.limit)
             starts = period_starts(now)
             out = CreditsOut(

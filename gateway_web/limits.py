@@ -6,14 +6,16 @@ window counters (two counters per limit and key, so memory and time stay constan
 - endpoint: per tenant and service, where the service sets rate_limit;
 - global: all tenants together.
 
-Every limited response carries RateLimit-Limit / -Remaining / -Reset (seconds), read from the window the
-limit's own check saw (no second round trip); a 429 names the limit hit and carries Retry-After. When
+All of a request's windows are checked in one Redis round trip (``PlannedWindowsRedisStorage``). Every
+limited response carries RateLimit-Limit / -Remaining / -Reset (seconds), read from the window that check
+saw; a 429 names the limit hit and carries Retry-After. When
 Redis is unreachable the limits hold per process (in-memory fallback); credits and concurrency are
 decided in the database and do not depend on Redis.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -22,6 +24,7 @@ from typing import Any
 
 from flask import Flask, Response
 from flask_limiter import Limiter, RateLimitExceeded
+from limits import RateLimitItem, parse_many
 from limits.storage import RedisStorage
 
 from gateway_core.settings import Settings
@@ -29,49 +32,70 @@ from gateway_web.auth import principal
 from gateway_web.errors import error_response
 
 SCOPES = ("tier", "endpoint", "global")
+KEY_PREFIX = "jobgate"
+
+
+Window = tuple[int, float, int, float]  # previous count, previous ttl (s), current count, current ttl (s)
+Entry = tuple[str, int, int, int]  # key, limit, expiry (s), amount
 
 
 class _Seen(threading.local):
-    windows: dict[str, tuple[int, float, int, float]]
+    """What this thread's current request has planned and checked (dropped at teardown)."""
 
     def __init__(self) -> None:
-        self.windows = {}
+        self.plan: list[Entry] = []
+        self.acquired: dict[str, bool] = {}
+        self.windows: dict[str, Window] = {}
 
 
-class WindowReadingRedisStorage(RedisStorage):
-    """limits' Redis storage (a registered custom backend, scheme ``jobgate+redis``) whose sliding-window
-    check also returns the window it saw. That window is kept for the rest of the request (per thread,
-    dropped at teardown), so describing the limit in the response headers needs no second round trip."""
+class PlannedWindowsRedisStorage(RedisStorage):
+    """limits' Redis storage for sliding-window counters (a registered custom backend, scheme
+    ``jobgate+redis``) that checks all of a request's windows in one round trip.
+
+    flask-limiter asks for one window at a time. Before it does, ``limited`` hands the storage the
+    request's plan: every window of its tier, endpoint and global limits, in the order flask-limiter
+    takes them. The first question about a planned window runs one script over the whole plan — each
+    window checked and taken as limits' own acquire_sliding_window.lua does, stopping at the first that is
+    full, as flask-limiter stops — and the answers to the rest wait for their questions. The script also
+    returns each window as it left it, so the RateLimit-* headers cost no round trip either. A window
+    outside the plan (or past the full one, should flask-limiter still ask) is checked alone. Needs one
+    Redis, not a Cluster: the windows' keys are in different slots."""
 
     STORAGE_SCHEME = ["jobgate+redis", "jobgate+rediss", "jobgate+redis+unix"]
-    # limits' acquire_sliding_window.lua, returning {acquired, previous count, previous ttl, current count,
-    # current ttl} (the window after the hit) instead of a bare boolean.
-    SCRIPT_ACQUIRE_AND_READ = """
-local limit = tonumber(ARGV[1])
-local expiry = tonumber(ARGV[2]) * 1000
-local amount = tonumber(ARGV[3])
-local current_ttl = tonumber(redis.call('pttl', KEYS[2]))
-if current_ttl > 0 and current_ttl < expiry then
-    redis.call('rename', KEYS[2], KEYS[1])
-    redis.call('set', KEYS[2], 0, 'PX', current_ttl + expiry)
-end
-local previous_count = tonumber(redis.call('get', KEYS[1])) or 0
-local previous_ttl = math.max(tonumber(redis.call('pttl', KEYS[1])) or 0, 0)
-local current_count = tonumber(redis.call('get', KEYS[2])) or 0
-current_ttl = math.max(tonumber(redis.call('pttl', KEYS[2])) or 0, 0)
-local weighted_count = math.floor(previous_count * previous_ttl / expiry) + current_count
-local acquired = 0
-if amount <= limit and weighted_count + amount <= limit then
-    acquired = 1
-    if redis.call('exists', KEYS[2]) == 1 then
-        current_count = redis.call('incrby', KEYS[2], amount)
-    else
-        redis.call('set', KEYS[2], amount, 'PX', expiry * 2)
-        current_count = amount
-        current_ttl = expiry * 2 - 1  -- as a read right after would see it (limits takes ttl % expiry)
+    SCRIPT_ACQUIRE_ALL = """
+-- KEYS: each window's previous and current counter; ARGV: each window's limit, expiry (s) and amount.
+-- Returns {acquired, previous count, previous ttl, current count, current ttl} per window checked.
+local out = {}
+for i = 1, #KEYS / 2 do
+    local previous_key, current_key = KEYS[2 * i - 1], KEYS[2 * i]
+    local limit = tonumber(ARGV[3 * i - 2])
+    local expiry = tonumber(ARGV[3 * i - 1]) * 1000
+    local amount = tonumber(ARGV[3 * i])
+    local current_ttl = tonumber(redis.call('pttl', current_key))
+    if current_ttl > 0 and current_ttl < expiry then
+        redis.call('rename', current_key, previous_key)
+        redis.call('set', current_key, 0, 'PX', current_ttl + expiry)
     end
+    local previous_count = tonumber(redis.call('get', previous_key)) or 0
+    local previous_ttl = math.max(tonumber(redis.call('pttl', previous_key)) or 0, 0)
+    local current_count = tonumber(redis.call('get', current_key)) or 0
+    current_ttl = math.max(tonumber(redis.call('pttl', current_key)) or 0, 0)
+    local weighted_count = math.floor(previous_count * previous_ttl / expiry) + current_count
+    local acquired = 0
+    if amount <= limit and weighted_count + amount <= limit then
+        acquired = 1
+        if redis.call('exists', current_key) == 1 then
+            current_count = redis.call('incrby', current_key, amount)
+        else
+            redis.call('set', current_key, amount, 'PX', expiry * 2)
+            current_count = amount
+            current_ttl = expiry * 2 - 1  -- as a read right after would see it (limits takes ttl % expiry)
+        end
+    end
+    out[i] = {acquired, previous_count, previous_ttl, current_count, current_ttl}
+    if acquired == 0 then break end
 end
-return {acquired, previous_count, previous_ttl, current_count, current_ttl}
+return out
 """
 
     def __init__(self, uri: str, **options: Any) -> None:
@@ -80,28 +104,46 @@ return {acquired, previous_count, previous_ttl, current_count, current_ttl}
 
     def initialize_storage(self, uri: str) -> None:
         super().initialize_storage(uri)
-        self.lua_acquire_and_read = self.get_connection().register_script(self.SCRIPT_ACQUIRE_AND_READ.encode())
+        self.lua_acquire_all = self.get_connection().register_script(self.SCRIPT_ACQUIRE_ALL.encode())
 
-    def acquire_sliding_window_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
-        previous_key = self.prefixed_key(self._previous_window_key(key))
-        current_key = self.prefixed_key(self._current_window_key(key))
-        acquired, prev_count, prev_ttl, cur_count, cur_ttl = self.lua_acquire_and_read(
-            [previous_key, current_key], [limit, expiry, amount]
-        )
-        self._seen.windows[key] = (int(prev_count), prev_ttl / 1000, int(cur_count), cur_ttl / 1000)
-        return bool(acquired)
-
-    def get_sliding_window(self, key: str, expiry: int) -> tuple[int, float, int, float]:
-        seen = self._seen.windows.pop(key, None)
-        return seen if seen is not None else super().get_sliding_window(key, expiry)
+    def plan(self, entries: list[Entry]) -> None:
+        """The windows this request's limits will ask about, in the order they will."""
+        self._seen.plan = entries
 
     def forget(self) -> None:
-        self._seen.windows.clear()
+        self._seen.plan, self._seen.acquired, self._seen.windows = [], {}, {}
+
+    def acquire_sliding_window_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        seen = self._seen
+        if key not in seen.acquired and any(entry[0] == key for entry in seen.plan):
+            plan, seen.plan = seen.plan, []
+            self._acquire_all(plan)
+        if key not in seen.acquired:  # outside the plan, or past the full window the plan stopped at
+            self._acquire_all([(key, limit, expiry, amount)])
+        return seen.acquired.pop(key)
+
+    def _acquire_all(self, entries: list[Entry]) -> None:
+        keys: list[str] = []
+        args: list[int] = []
+        for key, limit, expiry, amount in entries:
+            keys += [
+                self.prefixed_key(self._previous_window_key(key)),
+                self.prefixed_key(self._current_window_key(key)),
+            ]
+            args += [limit, expiry, amount]
+        for (key, *_), result in zip(entries, self.lua_acquire_all(keys, args), strict=False):
+            acquired, prev_count, prev_ttl, cur_count, cur_ttl = result
+            self._seen.acquired[key] = bool(acquired)
+            self._seen.windows[key] = (int(prev_count), prev_ttl / 1000, int(cur_count), cur_ttl / 1000)
+
+    def get_sliding_window(self, key: str, expiry: int) -> Window:
+        seen = self._seen.windows.pop(key, None)
+        return seen if seen is not None else super().get_sliding_window(key, expiry)
 
 
 def _storage_uri(redis_url: str) -> str:
     scheme = redis_url.split("://", 1)[0]
-    return f"jobgate+{redis_url}" if f"jobgate+{scheme}" in WindowReadingRedisStorage.STORAGE_SCHEME else redis_url
+    return f"jobgate+{redis_url}" if f"jobgate+{scheme}" in PlannedWindowsRedisStorage.STORAGE_SCHEME else redis_url
 
 
 def _tenant_key() -> str:
@@ -115,7 +157,7 @@ def make_limiter(app: Flask, settings: Settings) -> Limiter:
         storage_uri=_storage_uri(settings.redis_url),
         storage_options={"socket_connect_timeout": 0.5, "socket_timeout": 0.5},  # type: ignore[dict-item]
         strategy="sliding-window-counter",
-        key_prefix="jobgate",
+        key_prefix=KEY_PREFIX,
         headers_enabled=False,  # set below in the IETF RateLimit-* form
         in_memory_fallback_enabled=rl.in_memory_fallback,
         enabled=rl.enabled,
@@ -123,7 +165,7 @@ def make_limiter(app: Flask, settings: Settings) -> Limiter:
     limiter.init_app(app)
 
     storage = limiter.storage if rl.enabled else None
-    if isinstance(storage, WindowReadingRedisStorage):
+    if isinstance(storage, PlannedWindowsRedisStorage):
         app.teardown_request(lambda _: storage.forget())
 
     weights: dict[str, int] = {}
@@ -171,17 +213,51 @@ def make_limiter(app: Flask, settings: Settings) -> Limiter:
 def limited(
     app: Flask, settings: Settings, view: Callable[..., Any], *, weight: int, endpoint_limit: str | None
 ) -> Callable[..., Any]:
-    """Wrap an API view in the tier, global and (if any) endpoint limits, costing ``weight`` units."""
+    """Wrap an API view in the tier, global and (if any) endpoint limits, costing ``weight`` units; each
+    request's windows are planned for the storage first, so they are checked in one round trip."""
     limiter, _ = app.extensions["jobgate_limits"]
+    rl = settings.rate_limits
+    endpoint_scope = f"endpoint:{view.__name__}"
 
     def tier_limit() -> str:
         return settings.tiers[principal().tier].rate_limit
 
+    # (scope, limit string, key, cost) of each limit, as flask-limiter will key and charge it.
+    def limits_of_request() -> list[tuple[str, str, str, int]]:
+        tenant = _tenant_key()
+        out = [("tier", tier_limit(), tenant, weight)]
+        if endpoint_limit:
+            out.append((endpoint_scope, endpoint_limit, tenant, 1))
+        if rl.global_limit:
+            out.append(("global", rl.global_limit, "all", 1))
+        return out
+
     view = limiter.shared_limit(tier_limit, scope="tier", cost=weight, error_message="tier")(view)
     if endpoint_limit:
-        view = limiter.limit(endpoint_limit, error_message="endpoint")(view)
-    if settings.rate_limits.global_limit:
-        view = limiter.shared_limit(
-            settings.rate_limits.global_limit, scope="global", key_func=lambda: "all", error_message="global"
-        )(view)
-    return view
+        view = limiter.shared_limit(endpoint_limit, scope=endpoint_scope, error_message="endpoint")(view)
+    if rl.global_limit:
+        view = limiter.shared_limit(rl.global_limit, scope="global", key_func=lambda: "all", error_message="global")(
+            view
+        )
+    limited_view = view
+
+    @functools.wraps(limited_view)
+    def planned(*args: Any, **kwargs: Any) -> Any:
+        storage = limiter.storage if rl.enabled else None
+        if isinstance(storage, PlannedWindowsRedisStorage):
+            windows = [
+                (item, item.key_for(KEY_PREFIX, key, scope), cost)
+                for scope, text, key, cost in limits_of_request()
+                for item in _parsed(text)
+            ]
+            # flask-limiter takes the limits by window length (a stable sort).
+            windows.sort(key=lambda w: w[0].GRANULARITY.seconds)
+            storage.plan([(key, item.amount, item.get_expiry(), cost) for item, key, cost in windows])
+        return limited_view(*args, **kwargs)
+
+    return planned
+
+
+@functools.cache
+def _parsed(text: str) -> list[RateLimitItem]:
+    return parse_many(text)

@@ -87,6 +87,22 @@ def test_cost_weights_and_endpoint_limits(client: Any, worker: Any, db: Any) -> 
     assert client.post("/v1/jobs/codegen", headers=pro.headers, json={"prompt": "x"}).status_code == 202
 
 
+def test_a_longer_window_refuses_while_the_shorter_has_room(settings: Settings, db: Any) -> None:
+    """Every window of a request is checked in one Redis round trip; the first full one refuses, by name."""
+    tiers = {**settings.tiers, "free": settings.tiers["free"].model_copy(update={"rate_limit": "5/minute;3/hour"})}
+    client = create_app(settings.model_copy(update={"tiers": tiers})).test_client()
+    free = make_tenant(db, tier="free")
+    ok = [client.get("/v1/credits", headers=free.headers) for _ in range(3)]
+    assert [r.status_code for r in ok] == [200, 200, 200]
+    # The headers describe the tier's own budget: its shortest window, the minute.
+    assert [r.headers["RateLimit-Remaining"] for r in ok] == ["4", "3", "2"]
+    refused = client.get("/v1/credits", headers=free.headers)
+    assert refused.status_code == 429
+    assert refused.json["error"]["details"]["limit"] == "3 per 1 hour"
+    assert refused.headers["RateLimit-Limit"] == "3" and refused.headers["RateLimit-Remaining"] == "0"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 3600
+
+
 def test_global_limit_counts_all_tenants_together(settings: Settings, db: Any) -> None:
     limits = settings.rate_limits.model_copy(update={"global_limit": "3/minute"})
     client = create_app(settings.model_copy(update={"rate_limits": limits})).test_client()
