@@ -81,8 +81,9 @@ class Database:
 
 @dataclass
 class Writes:
-    """INSERT/UPDATE statements built once, with bind parameters named ``<table>__<column>`` (never a
-    column's own name, so one dict of values can feed them all), and the values for one execution."""
+    """INSERT/UPDATE statements built once, with bind parameters named ``<row>__<column>`` (``job__id``,
+    ``tenant__credits_balance``: never a column's own name, so one dict of values can feed them all), and
+    the values for one execution."""
 
     statements: list[Insert | Update] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
