@@ -14,7 +14,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.sql.dml import Insert
 
 from gateway_core.db import Writes, insert_rows, write_together
-from gateway_core.errors import GatewayError, InvalidRequestError, NotFoundError
+from gateway_core.errors import GatewayError, InvalidRequestError, LedgerBelowZeroError, NotFoundError
 from gateway_core.models import CreditEntry, Job, Tenant, utcnow
 from gateway_core.usage import count_usage
 
@@ -27,7 +27,7 @@ class InsufficientCreditsError(GatewayError):
 
 
 def lock_tenant(session: Session, tenant_id: int) -> Tenant:
-    """The tenant row, locked until the transaction ends (SELECT … FOR UPDATE; SQLite locks the file)."""
+    """The tenant row, locked until the transaction ends (SELECT … FOR UPDATE)."""
     tenant = session.execute(
         select(Tenant).where(Tenant.id == tenant_id).with_for_update().execution_options(populate_existing=True)
     ).scalar_one_or_none()
@@ -55,7 +55,10 @@ def ledger_writes(tenant: Tenant, movements: list[Movement], now: datetime | Non
     for i, m in enumerate(movements):
         balance, reserved = balance + m.amount, reserved + m.reserved_change
         if balance < 0 or reserved < 0:
-            raise AssertionError(f"ledger entry {m.kind} {m.amount}/{m.reserved_change} would go below zero")
+            raise LedgerBelowZeroError(
+                f"a {m.kind} of {m.amount} credits would take the balance or reserved credits below zero",
+                details={"kind": m.kind, "amount": m.amount, "reserved_change": m.reserved_change},
+            )
         entry = {
             "tenant_id": tenant.id,
             "job_id": m.job_id,

@@ -16,21 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.dml import Insert, Update
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    # The embedded default runs web and workers on one SQLite file: WAL lets readers pass a writer,
-    # busy_timeout makes writers queue instead of failing with "database is locked".
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=10000")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
-
-
 def make_engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 10})
-        event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
+    """A PostgreSQL engine (production and the embedded default run the same server, the same SQL)."""
     engine = create_engine(url, pool_size=10, max_overflow=20, pool_timeout=10, pool_recycle=1800)
     event.listen(engine.pool, "checkin", _stamp)
     event.listen(engine.pool, "checkout", _ping_if_idle)
@@ -96,16 +83,11 @@ class Writes:
 
 
 def write_together(session: Session, writes: Writes) -> None:
-    """Run independent writes in one round trip where the database allows it.
-
-    PostgreSQL runs them as data-modifying CTEs of one statement: they share one snapshot, so none may
-    read what another writes or touch the same row, and foreign keys between their rows are checked when
-    the statement ends. Elsewhere (SQLite) they run one after another in the same transaction."""
-    statements = writes.statements
-    if len(statements) > 1 and session.get_bind().dialect.name == "postgresql":
-        statements = [_together(tuple(statements))]
-    for stmt in statements:
-        session.execute(stmt, writes.params)
+    """Run independent writes in one round trip: PostgreSQL runs them as data-modifying CTEs of one
+    statement. They share one snapshot, so none may read what another writes or touch the same row, and
+    foreign keys between their rows are checked when the statement ends."""
+    stmt = writes.statements[0] if len(writes.statements) == 1 else _together(tuple(writes.statements))
+    session.execute(stmt, writes.params)
 
 
 @functools.lru_cache(maxsize=64)

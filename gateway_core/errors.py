@@ -97,3 +97,10 @@ class JobFinishedError(GatewayError):
 class ForbiddenError(GatewayError):
     code = "FORBIDDEN"
     status = 403
+
+
+class LedgerBelowZeroError(GatewayError):
+    """A ledger movement would take a tenant's balance or reserved credits below zero: refused whole."""
+
+    code = "BALANCE_BELOW_ZERO"
+    status = 409

@@ -34,7 +34,7 @@ def utcnow() -> datetime:
 
 
 class UTCDateTime(TypeDecorator[datetime]):
-    """Timezone-aware UTC on every backend (SQLite drops the zone; this puts it back)."""
+    """Timezone-aware UTC: refuses naive datetimes, returns aware ones."""
 
     impl = DateTime(timezone=True)
     cache_ok = True

@@ -198,8 +198,22 @@ class GatewayConfig(_Strict):
     circuit: CircuitConfig = CircuitConfig()
 
 
+DATABASE_URL_FORMS = "postgresql://, postgres:// or postgresql+psycopg2://"
+
+
+def normalize_database_url(url: str) -> str:
+    """The URL with the driver this project ships (psycopg2): ``postgresql://`` and ``postgres://``, as Docker,
+    Heroku and libpq write them, mean PostgreSQL through psycopg2 (SQLAlchemy alone would pick psycopg 3)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres", "postgresql+psycopg2"):
+        raise ValueError(f"database_url must be a PostgreSQL URL ({DATABASE_URL_FORMS}), got {scheme + sep!r}")
+    return f"postgresql+psycopg2://{rest}"
+
+
 class Settings(_Strict):
-    database_url: str = "sqlite:///jobgate.db"
+    # When neither gateway.yaml nor the environment names them, `jobgate` commands use the embedded database
+    # and Redis of their data dir (see ``model_fields_set``); these defaults are for processes started alone.
+    database_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/jobgate"
     redis_url: str = "redis://127.0.0.1:6379/0"
     broker_url: str | None = Field(default=None, description="Celery broker; redis_url when omitted")
     gateway: GatewayConfig = GatewayConfig()
@@ -207,6 +221,11 @@ class Settings(_Strict):
     alerts: AlertsConfig = AlertsConfig()
     tiers: dict[str, TierConfig] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
     services: dict[str, ServiceConfig] = Field(min_length=1)
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgresql(cls, value: str) -> str:
+        return normalize_database_url(value)
 
     @field_validator("services")
     @classmethod
@@ -266,6 +285,8 @@ def _describe(err: Mapping[str, Any]) -> str:
         return str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         return f"{key}: unknown key"
+    if err["type"] == "value_error":  # our own check: its message says what was wrong (URLs are not echoed)
+        return f"{key}: {str(err['msg']).removeprefix('Value error, ')}"
     return f"{key}: {err['msg']} (got {err.get('input')!r})"
 
 
@@ -286,13 +307,21 @@ def parse_settings(data: Mapping[str, Any], environ: Mapping[str, str] | None = 
         raise ConfigError(f"invalid configuration{' in ' + source if source else ''}:\n  {lines}") from None
 
 
+PACKAGED_CONFIG = Path(__file__).with_name("gateway.yaml")
+
+
 def config_path(environ: Mapping[str, str] | None = None) -> Path:
+    """JOBGATE_CONFIG when set; else ./gateway.yaml when the working directory has one; else the default
+    configuration shipped with the package (two reference replicas per service on 127.0.0.1)."""
     env = os.environ if environ is None else environ
-    return Path(env.get("JOBGATE_CONFIG") or "gateway.yaml")
+    if env.get("JOBGATE_CONFIG"):
+        return Path(env["JOBGATE_CONFIG"])
+    local = Path("gateway.yaml")
+    return local if local.is_file() else PACKAGED_CONFIG
 
 
 def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Read gateway.yaml (or JOBGATE_CONFIG) and apply DATABASE_URL, REDIS_URL, CELERY_BROKER_URL."""
+    """Read the configuration file (``config_path``) and apply DATABASE_URL, REDIS_URL, CELERY_BROKER_URL."""
     env = os.environ if environ is None else environ
     file = Path(path) if path else config_path(env)
     try:

@@ -6,7 +6,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Flask, Response, g, jsonify
+from flask import Flask, Response, g, jsonify, request
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
@@ -84,9 +84,26 @@ def register_error_handlers(app: Flask) -> None:
             return exc.response
         status = exc.code or 500
         details: dict[str, Any] = {}
-        if status == 405 and getattr(exc, "valid_methods", None):
-            details["allowed_methods"] = sorted(exc.valid_methods)  # type: ignore[attr-defined]
-        return error_response(status, HTTP_CODES.get(status, "HTTP_ERROR"), exc.description or exc.name, details)
+        allowed = sorted(getattr(exc, "valid_methods", None) or [])
+        if status == 405 and allowed:
+            details["allowed_methods"] = allowed
+        resp = error_response(status, HTTP_CODES.get(status, "HTTP_ERROR"), exc.description or exc.name, details)
+        if status == 405 and allowed:
+            resp.headers["Allow"] = ", ".join(allowed)
+        return resp
+
+    @app.after_request
+    def _drain_an_unread_body(resp: Response) -> Response:
+        # An error answered before the body was read (a 429 on an upload, say) leaves the body in the socket,
+        # where the server would take it for the next request of the kept-alive connection. Read it to its
+        # end (the request stream stops at the body limit) so the connection stays usable.
+        if resp.status_code >= 400 and resp.status_code != 413 and request.content_length:
+            try:
+                while request.stream.read(64 * 1024):
+                    pass
+            except (HTTPException, OSError):  # past the body limit, or the client went away: nothing to keep
+                pass
+        return resp
 
     @app.errorhandler(OperationalError)
     def _database_down(exc: OperationalError) -> Response:

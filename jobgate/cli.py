@@ -1,26 +1,65 @@
-"""``jobgate`` command line."""
+"""``jobgate`` command line. Every subcommand finds its stack by one rule (``jobgate.stack``)."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import click
+import psycopg2.errors
+from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.orm import Session
 
 from gateway_core.db import Database
 from gateway_core.errors import ConfigError, GatewayError
-from gateway_core.settings import Settings, load_settings
+from gateway_core.settings import DEFAULT_TIERS
+from jobgate.stack import DEFAULT_REDIS_PORT, Stack, open_stack, unreachable_database
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+PATH = click.Path(path_type=Path)
 
 
-def _settings() -> Settings:
+def _stack(**kw: Any) -> Stack:
+    opts = click.get_current_context().find_root().params
     try:
-        return load_settings()
+        return open_stack(opts.get("config"), opts.get("data_dir"), **kw)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
 
 
+@contextmanager
+def _transaction() -> Iterator[Session]:
+    """One transaction on the stack's database; a domain error or an unreachable database is one line."""
+    stack = _stack()
+    db = Database(stack.settings.database_url)
+    try:
+        with db.transaction() as s:
+            yield s
+    except GatewayError as exc:
+        raise click.ClickException(exc.message) from None
+    except OperationalError as exc:
+        raise click.ClickException(unreachable_database(stack.settings.database_url, exc)) from None
+    except ProgrammingError as exc:
+        if isinstance(exc.orig, psycopg2.errors.UndefinedTable):
+            raise click.ClickException("the database has no jobgate tables yet: run `jobgate db upgrade`") from None
+        raise
+    finally:
+        db.dispose()
+
+
 @click.group()
-def main() -> None:
+@click.version_option(version("jobgate"), prog_name="jobgate")
+@click.option("--config", type=PATH, default=None, help="configuration file [JOBGATE_CONFIG, ./gateway.yaml, packaged]")
+@click.option(
+    "--data-dir", type=PATH, default=None, help="embedded database, Redis and demo key [JOBGATE_DATA_DIR, ./.jobgate]"
+)
+def main(config: Path | None, data_dir: Path | None) -> None:
     """jobgate: an HTTP gateway for AI inference jobs."""
 
 
@@ -32,10 +71,10 @@ def db() -> None:
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(revision: str) -> None:
-    """Migrate the database of gateway.yaml / DATABASE_URL to the given revision."""
+    """Migrate the stack's database to the given revision."""
     from gateway_core.migrate import upgrade
 
-    upgrade(_settings().database_url, revision)
+    upgrade(_stack(create=True).settings.database_url, revision)
     click.echo(f"database at {revision}")
 
 
@@ -46,17 +85,37 @@ def tenants() -> None:
 
 @tenants.command("create")
 @click.argument("name")
-@click.option("--tier", type=click.Choice(["free", "pro", "enterprise"]), default="free", show_default=True)
-def tenants_create(name: str, tier: str) -> None:
-    """Create a tenant."""
+@click.option("--tier", type=click.Choice(list(DEFAULT_TIERS)), default="free", show_default=True)
+@click.option("--credits", "credits_", type=click.IntRange(0, 10**12), default=0, help="credits granted at once")
+def tenants_create(name: str, tier: str, credits_: int) -> None:
+    """Create a tenant, with credits if given."""
+    from gateway_core.credits import grant
     from gateway_core.tenants import create_tenant
 
-    try:
-        with Database(_settings().database_url).transaction() as s:
-            tenant = create_tenant(s, name, tier)
-            click.echo(f"tenant {tenant.name} (id {tenant.id}, tier {tenant.tier}) created")
-    except GatewayError as exc:
-        raise click.ClickException(exc.message) from None
+    with _transaction() as s:
+        tenant = create_tenant(s, name, tier)
+        if credits_:
+            s.flush()
+            tenant = grant(s, tenant.id, credits_, note="granted when the tenant was created")
+    click.echo(f"tenant {tenant.name} (id {tenant.id}, tier {tenant.tier}) created, balance {tenant.credits_balance}")
+
+
+@tenants.command("list")
+def tenants_list() -> None:
+    """List tenants: id, name, tier, balance, reserved credits."""
+    from sqlalchemy import select
+
+    from gateway_core.models import Tenant
+
+    with _transaction() as s:
+        rows = s.execute(
+            select(Tenant.id, Tenant.name, Tenant.tier, Tenant.credits_balance, Tenant.credits_reserved).order_by(
+                Tenant.id
+            )
+        ).all()
+    click.echo("id\tname\ttier\tbalance\treserved")
+    for row in rows:
+        click.echo("\t".join(str(v) for v in row))
 
 
 @main.group()
@@ -71,11 +130,8 @@ def keys_create(tenant_name: str, scopes: tuple[str, ...]) -> None:
     """Create an API key for a tenant and print it (it is stored only as a hash)."""
     from gateway_core.tenants import create_api_key, tenant_by_name
 
-    try:
-        with Database(_settings().database_url).transaction() as s:
-            key = create_api_key(s, tenant_by_name(s, tenant_name), scopes)
-    except GatewayError as exc:
-        raise click.ClickException(exc.message) from None
+    with _transaction() as s:
+        key = create_api_key(s, tenant_by_name(s, tenant_name), scopes)
     click.echo(key)
 
 
@@ -86,7 +142,7 @@ def credits() -> None:
 
 @credits.command("grant")
 @click.argument("tenant_name")
-@click.argument("amount", type=int)
+@click.argument("amount", type=click.IntRange(-(10**12), 10**12))
 @click.option("--kind", type=click.Choice(["grant", "refund", "adjustment"]), default="grant", show_default=True)
 @click.option("--note", default=None)
 def credits_grant(tenant_name: str, amount: int, kind: str, note: str | None) -> None:
@@ -94,12 +150,9 @@ def credits_grant(tenant_name: str, amount: int, kind: str, note: str | None) ->
     from gateway_core.credits import grant
     from gateway_core.tenants import tenant_by_name
 
-    try:
-        with Database(_settings().database_url).transaction() as s:
-            tenant = grant(s, tenant_by_name(s, tenant_name).id, amount, kind=kind, note=note)
-            click.echo(f"tenant {tenant.name}: balance {tenant.credits_balance}, reserved {tenant.credits_reserved}")
-    except GatewayError as exc:
-        raise click.ClickException(exc.message) from None
+    with _transaction() as s:
+        tenant = grant(s, tenant_by_name(s, tenant_name).id, amount, kind=kind, note=note)
+    click.echo(f"tenant {tenant.name}: balance {tenant.credits_balance}, reserved {tenant.credits_reserved}")
 
 
 @main.group("dead-letters")
@@ -114,7 +167,7 @@ def dead_letters_list(service: str | None, limit: int) -> None:
     """List dead letters, newest first."""
     from gateway_core.deadletters import page
 
-    with Database(_settings().database_url).transaction() as s:
+    with _transaction() as s:
         for d in page(s, service=service, before=None, limit=limit):
             replayed = f" replayed {d.replayed_at:%Y-%m-%d %H:%M}" if d.replayed_at else ""
             click.echo(
@@ -130,7 +183,7 @@ def dead_letters_replay(letter_id: int) -> None:
     from gateway_web.admin import replay_dead_letter
     from gateway_web.app import create_app
 
-    settings = _settings()
+    settings = _stack().settings
     app = create_app(settings)
     try:
         with app.app_context():
@@ -152,10 +205,15 @@ def config_reload() -> None:
     import redis
 
     from gateway_core.live import request_reload
-    from gateway_core.settings import config_path
 
-    settings = _settings()  # a bad file stops here, with the reasons
-    result = request_reload(settings, config_path(), redis.Redis.from_url(settings.redis_url, socket_timeout=5))
+    stack = _stack()  # a bad file stops here, with the reasons
+    server = redis.Redis.from_url(stack.settings.redis_url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        result = request_reload(stack.settings, stack.config, server)
+    except redis.ConnectionError as exc:
+        raise click.ClickException(
+            f"cannot reach Redis at {urlsplit(stack.settings.redis_url).netloc}: {exc}"
+        ) from None
     if not result.ok:
         raise click.ClickException(result.error or "refused")
     click.echo(f"config generation {result.generation}: every process applies it within about a second")
@@ -173,7 +231,7 @@ def alerts_test() -> None:
 
     from gateway_tasks.alerts import KINDS, deliver
 
-    cfg = _settings().alerts
+    cfg = _stack().settings.alerts
     if cfg.smtp is None and cfg.webhook_url is None:
         raise click.ClickException("no alert channel configured (alerts.smtp, alerts.webhook_url)")
     with httpx.Client() as http:
@@ -196,30 +254,34 @@ def alerts_test() -> None:
 @click.option("--port", type=int, default=0, show_default=True, help="0 picks a free port")
 @click.option("--latency-ms", type=click.IntRange(0, 600_000), default=0, show_default=True)
 @click.option("--fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True)
-def replica(service: str, name: str | None, host: str, port: int, latency_ms: int, fail_rate: float) -> None:
+@click.option(
+    "--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True, help="info: a line a request"
+)
+def replica(
+    service: str, name: str | None, host: str, port: int, latency_ms: int, fail_rate: float, log_level: str
+) -> None:
     """Run a reference replica speaking the replica protocol (simulated output, no model)."""
     from jobgate.replica import serve_replica
 
-    serve_replica(service, name or f"{service}-{port}", host, port, latency_ms, fail_rate)
+    serve_replica(service, name or f"{service}-{port}", host, port, latency_ms, fail_rate, log_level)
 
 
 @main.command()
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path(".jobgate"),
-    show_default=True,
-)
-@click.option("--port", type=int, default=8080, show_default=True, help="API port")
-@click.option("--flower-port", type=int, default=5555, show_default=True)
-@click.option("--redis-port", type=int, default=6390, show_default=True, help="embedded Redis port")
+@click.option("--data-dir", type=PATH, default=None, help="same as jobgate --data-dir")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="API port")
+@click.option("--flower-port", type=click.IntRange(1, 65535), default=5555, show_default=True)
+@click.option("--redis-port", type=click.IntRange(1, 65535), default=DEFAULT_REDIS_PORT, show_default=True)
 @click.option("--no-replicas", is_flag=True, help="do not start reference replicas for local replica URLs")
-def up(data_dir: Path, port: int, flower_port: int, redis_port: int, no_replicas: bool) -> None:
-    """Run everything: Redis (embedded unless REDIS_URL), web, workers, beat, Flower, reference replicas."""
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="warning", show_default=True)
+def up(data_dir: Path | None, port: int, flower_port: int, redis_port: int, no_replicas: bool, log_level: str) -> None:
+    """Run everything: PostgreSQL and Redis (embedded unless configured), web, workers, beat, Flower, replicas."""
     from jobgate.up import run_stack
 
+    if data_dir is not None:
+        click.get_current_context().find_root().params["data_dir"] = data_dir
+    stack = _stack(redis_port=redis_port, create=True)
     try:
-        sys.exit(run_stack(data_dir, port, flower_port, redis_port, with_replicas=not no_replicas))
+        sys.exit(run_stack(stack, port, flower_port, redis_port, with_replicas=not no_replicas, log_level=log_level))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
 

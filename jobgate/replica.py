@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import random
 import sys
 import threading
@@ -109,8 +110,12 @@ def _simulate(body: dict[str, Any]) -> dict[str, Any] | tuple[int, str, str]:
     return 400, "UNKNOWN_KIND", f"this replica cannot do kind {body.get('kind')!r}"
 
 
-def serve_replica(service: str, name: str, host: str, port: int, latency_ms: int, fail_rate: float) -> None:
-    """Serve until interrupted; prints the bound URL first (port 0 picks a free one)."""
+def serve_replica(
+    service: str, name: str, host: str, port: int, latency_ms: int, fail_rate: float, log_level: str = "warning"
+) -> None:
+    """Serve until interrupted; prints the bound URL first (port 0 picks a free one). One line per request
+    (werkzeug's, at INFO) only when ``log_level`` lets INFO through."""
+    logging.getLogger("werkzeug").setLevel(log_level.upper())
     app = create_replica_app(service, name, latency_ms, fail_rate)
     server = make_server(host, port, app, threaded=True)
     print(f"replica {name} ({service}) listening on http://{host}:{server.server_port}", flush=True)

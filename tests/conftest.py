@@ -462,3 +462,24 @@ def wait_state(db: Database, job_id: str, states: Any, timeout: float = 20) -> J
 def wait_terminal(db: Database, job_id: str, timeout: float = 20) -> Job:
     """Poll the job row until it reaches a terminal state."""
     return wait_state(db, job_id, TERMINAL, timeout)
+
+
+@pytest.fixture(scope="session")
+def embedded_db(tmp_session: Path) -> Iterator[Database]:
+    """The embedded default's database: a PostgreSQL started in a data dir exactly as `jobgate up` starts
+    it, migrated; stopped at the end."""
+    from jobgate.embedded import start_postgres, stop_postgres
+
+    data_dir = tmp_session / "embedded"
+    url = start_postgres(data_dir)
+    upgrade(url)
+    database = Database(url)
+    yield database
+    database.dispose()
+    stop_postgres(data_dir)
+
+
+@pytest.fixture(params=["test-postgres", "embedded"])
+def any_db(request: pytest.FixtureRequest) -> Database:
+    """The test PostgreSQL, then the embedded default's: invariants that must hold on both."""
+    return request.getfixturevalue("db" if request.param == "test-postgres" else "embedded_db")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -15,7 +13,7 @@ from gateway_core.models import Base
 
 def test_one_head() -> None:
     # Reads the scripts only; the URL is never connected to.
-    assert len(ScriptDirectory.from_config(alembic_config("sqlite://")).get_heads()) == 1
+    assert len(ScriptDirectory.from_config(alembic_config("postgresql+psycopg2://unused/never")).get_heads()) == 1
 
 
 def test_upgraded_database_matches_models(database_url: str) -> None:
@@ -26,15 +24,3 @@ def test_upgraded_database_matches_models(database_url: str) -> None:
     finally:
         engine.dispose()
     assert diff == []
-
-
-def test_migrations_also_build_the_embedded_sqlite_schema(tmp_path: Path) -> None:
-    """SQLite is a product target here, not a test stand-in: `jobgate up` runs on it (DESIGN.md)."""
-    from gateway_core.migrate import upgrade
-
-    url = f"sqlite:///{tmp_path / 'embedded.db'}"
-    upgrade(url)
-    engine = create_engine(url)
-    with engine.connect() as conn:
-        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-    engine.dispose()

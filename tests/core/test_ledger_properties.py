@@ -1,6 +1,7 @@
 """Property: whatever sequence of grants, submits, successes, failures and cancels happens, a tenant's
 balance equals the sum of its ledger and is never negative, and its reserved credits equal the sum of
-its open reservations. Runs the core functions the web and the worker call, on real PostgreSQL."""
+its open reservations. Runs the core functions the web and the worker call, on the test PostgreSQL and on
+the embedded default's."""
 
 from __future__ import annotations
 
@@ -95,9 +96,9 @@ def _check_invariants(db: Any, tenant_id: int) -> None:
 @hsettings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(OPS, min_size=1, max_size=14))
 def test_balance_is_the_ledger_sum_and_reserved_the_open_reservations(
-    db: Any, settings: Settings, ops: list[Any]
+    any_db: Any, settings: Settings, ops: list[Any]
 ) -> None:
-    tenant = make_tenant(db, credits=0)
+    tenant = make_tenant(any_db, credits=0)
     for op in ops:
-        _apply(db, settings, tenant.tenant_id, op)
-        _check_invariants(db, tenant.tenant_id)
+        _apply(any_db, settings, tenant.tenant_id, op)
+        _check_invariants(any_db, tenant.tenant_id)

@@ -32,9 +32,33 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
     path = tmp_path / "g.yaml"
     path.write_text(GOOD)
     s = load_settings(path, environ={"DATABASE_URL": "postgresql://x/y", "CELERY_BROKER_URL": "amqp://h//"})
-    assert s.database_url == "postgresql://x/y" and s.celery_broker_url == "amqp://h//"
+    assert s.database_url == "postgresql+psycopg2://x/y" and s.celery_broker_url == "amqp://h//"
     s2 = load_settings(path, environ={"JOBGATE_CONFIG": "/nonexistent", "REDIS_URL": "redis://r:1/2"})
     assert s2.celery_broker_url == "redis://r:1/2"
+
+
+@pytest.mark.parametrize(
+    ("given", "used"),
+    [
+        ("postgresql://u:p@db:5432/jobgate", "postgresql+psycopg2://u:p@db:5432/jobgate"),
+        ("postgres://u@db/jobgate", "postgresql+psycopg2://u@db/jobgate"),
+        ("postgresql+psycopg2://u@db/jobgate", "postgresql+psycopg2://u@db/jobgate"),
+    ],
+)
+def test_database_urls_as_users_write_them_use_the_shipped_driver(tmp_path: Path, given: str, used: str) -> None:
+    path = tmp_path / "g.yaml"
+    path.write_text(GOOD)
+    assert load_settings(path, environ={"DATABASE_URL": given}).database_url == used
+
+
+@pytest.mark.parametrize("url", ["sqlite:///jobgate.db", "mysql://u:secret@db/x", "postgresql+psycopg://u@db/x", "db"])
+def test_other_database_urls_are_one_line_naming_the_forms_accepted(tmp_path: Path, url: str) -> None:
+    path = tmp_path / "g.yaml"
+    path.write_text(GOOD)
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, environ={"DATABASE_URL": url})
+    assert "postgresql://, postgres:// or postgresql+psycopg2://" in str(err.value)
+    assert "secret" not in str(err.value)  # a password is never echoed
 
 
 @pytest.mark.parametrize(

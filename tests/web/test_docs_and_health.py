@@ -59,3 +59,10 @@ def test_ready_names_what_is_down(settings: Settings) -> None:
     checks = err["details"]["checks"]
     assert checks["database"] == "ok"
     assert checks["redis"].startswith("down") and checks["broker"].startswith("down")
+
+
+def test_a_method_not_allowed_is_405_with_allow_in_the_envelope(client: Any) -> None:
+    resp = client.put("/health")
+    assert resp.status_code == 405
+    assert resp.json["error"]["code"] == "METHOD_NOT_ALLOWED"
+    assert set(resp.headers["Allow"].split(", ")) == set(resp.json["error"]["details"]["allowed_methods"]) >= {"GET"}
