@@ -8,10 +8,11 @@ concurrent worker or a duplicate message moved the job first, nothing matches an
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, insert, or_, select, update
+from sqlalchemy import Table, bindparam, false, insert, or_, select, update
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from gateway_core.db import Writes, insert_rows, write_together
@@ -171,15 +172,27 @@ def mark_enqueued(session: Session, job_id: str, now: datetime | None = None) ->
 
 
 def jobs_to_resend(
-    session: Session, *, unsent_before: datetime, resent_before: datetime, now: datetime, limit: int = 500
+    session: Session,
+    *,
+    unsent_before: datetime,
+    resent_before: datetime,
+    now: datetime,
+    idle_services: Collection[str] = (),
+    limit: int = 500,
 ) -> list[Job]:
-    """Jobs no message is driving: committed but never handed to the broker; in flight with their worker's
-    lease run out (and not re-sent since ``resent_before``); HELD and due for another try."""
+    """Jobs no message is driving: committed but never handed to the broker; sent before ``resent_before``
+    but still QUEUED while their service's queue holds nothing (``idle_services``: the broker lost the
+    message, say a Redis restarted without persistence); in flight with their worker's lease run out (and
+    not re-sent since ``resent_before``); HELD and due for another try."""
+    lost: Any = false()
+    if idle_services:
+        lost = (Job.state == S.QUEUED) & (Job.enqueued_at < resent_before) & Job.service.in_(list(idle_services))
     stmt = (
         select(Job)
         .where(
             or_(
                 (Job.state == S.QUEUED) & Job.enqueued_at.is_(None) & (Job.updated_at < unsent_before),
+                lost,
                 Job.state.in_(list(IN_FLIGHT))
                 & (Job.lease_expires_at < now)
                 & (Job.enqueued_at.is_(None) | (Job.enqueued_at < resent_before)),

@@ -4,6 +4,7 @@ celeryconfig's task_routes, failing fast."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from celery import Celery
 
@@ -39,3 +40,20 @@ def publish_dispatch(
         log.warning("could not publish dispatch of job %s (%s): %s", job_id, service, exc)
         return False
     return True
+
+
+def empty_queues(app: Celery, queues: Iterable[str]) -> set[str]:
+    """The queues holding no message ready for a worker (a queue the broker does not have holds none).
+    Messages a worker has taken but not acknowledged do not count: they are the worker's."""
+    empty = set()
+    with app.connection_for_read() as conn:
+        for queue in queues:
+            channel = conn.channel()  # its own: RabbitMQ closes a channel that asked for a missing queue
+            try:
+                if channel.queue_declare(queue=queue, passive=True).message_count == 0:
+                    empty.add(queue)
+            except conn.channel_errors:
+                empty.add(queue)
+            finally:
+                channel.close()
+    return empty

@@ -31,7 +31,7 @@ from gateway_core.states import IN_FLIGHT, JobState
 from gateway_tasks.alerts import SEND_TASK, deliver, raise_alert
 from gateway_tasks.balancer import Choice, choose
 from gateway_tasks.celery_app import WorkerContext
-from gateway_tasks.publish import DISPATCH_TASK, publish_dispatch
+from gateway_tasks.publish import DISPATCH_TASK, empty_queues, publish_dispatch
 from gateway_tasks.replicas import ReplicaError, build_payload, call_replica
 
 log = logging.getLogger(__name__)
@@ -253,9 +253,19 @@ def _record(
 
 @shared_task(bind=True, name="jobgate.sweep_jobs", ignore_result=True)
 def sweep_jobs(self: Task) -> int:
-    """Re-send jobs committed but never published, and in-flight jobs whose worker's lease ran out."""
+    """Re-send jobs committed but never published, jobs whose message the broker lost, and in-flight jobs
+    whose worker's lease ran out."""
     ctx = _ctx(self)
     gw = ctx.settings.gateway
+    services = ctx.settings.services
+    # A job still QUEUED a visibility timeout after it was sent, while its service's queue is empty, has
+    # lost its message (a queue with messages may just be long: re-sending from it would duplicate a backlog).
+    try:
+        empty = empty_queues(self.app, [ctx.settings.queue_for(name) for name in services])
+    except Exception as exc:  # the broker is away: the sends below fail too, and the next sweep tries again
+        log.warning("could not read the queues' lengths: %s", exc)
+        empty = set()
+    idle = [name for name in services if ctx.settings.queue_for(name) in empty]
     now = utcnow()
     with ctx.db.transaction() as s:
         due = [
@@ -265,6 +275,7 @@ def sweep_jobs(self: Task) -> int:
                 unsent_before=now - timedelta(seconds=gw.sweep_unsent_after_seconds),
                 resent_before=now - timedelta(seconds=gw.visibility_timeout_seconds),
                 now=now,
+                idle_services=idle,
             )
         ]
         held_long = s.execute(

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import time
+import uuid
 from datetime import timedelta
 from typing import Any
 
 import httpx
 
-from gateway_core.jobs import create_job, transition
+from gateway_core.jobs import create_job, jobs_to_resend, mark_enqueued, transition
 from gateway_core.models import Job, utcnow
 from gateway_core.settings import Settings
 from gateway_core.states import JobState
 from gateway_tasks.celery_app import create_celery
-from gateway_tasks.publish import publish_dispatch
+from gateway_tasks.publish import empty_queues, publish_dispatch
 from tests.conftest import TenantKey, wait_terminal
 
 S = JobState
@@ -91,6 +92,36 @@ def test_sweeper_sends_a_job_committed_but_never_published(worker: Any, tenant: 
         job_id = create_job(s, tenant_id=tenant.tenant_id, service="codegen", request={"prompt": "x"}).id
     job = wait_terminal(db, job_id, timeout=30)
     assert job.state == S.SUCCEEDED and job.enqueued_at is not None
+
+
+def test_a_message_the_broker_lost_is_sent_again_once_its_queue_is_empty(
+    worker: Any, tenant: TenantKey, db: Any, settings: Settings
+) -> None:
+    now = utcnow()
+    window = timedelta(seconds=settings.gateway.visibility_timeout_seconds)
+    with db.transaction() as s:  # sent a while ago, but the broker lost it (say a Redis without persistence)
+        job_id = create_job(s, tenant_id=tenant.tenant_id, service="codegen", request={"prompt": "x"}).id
+        mark_enqueued(s, job_id, now=now - window - timedelta(seconds=1))
+        due = dict(unsent_before=now, resent_before=now - window, now=now)
+        assert job_id not in [j.id for j in jobs_to_resend(s, **due)]  # a long queue may still hold it
+        assert job_id in [j.id for j in jobs_to_resend(s, **due, idle_services=["codegen"])]
+    job = wait_terminal(db, job_id, timeout=30)  # the sweeper finds svc.codegen empty and sends it
+    assert job.state == S.SUCCEEDED and job.attempts == 1
+
+
+def test_empty_queues_counts_only_messages_waiting(settings: Settings) -> None:
+    app = create_celery(settings)
+    name = f"jobgate.test-{uuid.uuid4().hex[:8]}"
+    with app.connection_for_write() as conn:
+        queue = conn.SimpleQueue(name)
+        try:
+            queue.put({"job": "x"})
+            assert empty_queues(app, [name, f"{name}-never-declared"]) == {f"{name}-never-declared"}
+            queue.get(timeout=5).ack()
+            assert empty_queues(app, [name]) == {name}
+        finally:
+            queue.close()
+            conn.default_channel.queue_delete(name)
 
 
 def _orphan(db: Any, tenant: TenantKey, attempt: int, *, processing: bool) -> str:
