@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import ipaddress
 import socket
-from urllib.parse import urlsplit
+import time
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import mutagen
@@ -29,15 +30,27 @@ def _not_audio(message: str) -> ValidationFailedError:
     return ValidationFailedError(message, details={"fields": [{"field": "file", "message": message}]})
 
 
-def _check_public(host: str) -> None:
+def is_public_address(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Globally routable unicast, including the IPv4 address an IPv6 one embeds (mapped, 6to4, Teredo):
+    100.64.0.0/10, multicast, reserved, private, loopback and link-local ranges are not."""
+    if isinstance(addr, ipaddress.IPv6Address):
+        embedded = addr.ipv4_mapped or addr.sixtofour or (addr.teredo[1] if addr.teredo else None)
+        if embedded is not None and not is_public_address(embedded):
+            return False
+    return addr.is_global and not addr.is_multicast
+
+
+def resolve_public(host: str) -> str:
+    """The address to connect to for ``host``: every address it resolves to must be public (a name that
+    resolves to one private address among public ones is refused too)."""
     try:
-        infos = socket.getaddrinfo(host, None)
-    except socket.gaierror:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError):
         raise _bad_url(f"audio_url host {host!r} does not resolve") from None
-    for info in infos:
-        addr = ipaddress.ip_address(info[4][0])
-        if addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved:
-            raise _bad_url(f"audio_url host {host!r} is on a private network")
+    addrs = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+    if not addrs or not all(is_public_address(a) for a in addrs):
+        raise _bad_url(f"audio_url host {host!r} is not on the public internet")
+    return str(addrs[0])
 
 
 def _bad_url(message: str) -> ValidationFailedError:
@@ -46,16 +59,32 @@ def _bad_url(message: str) -> ValidationFailedError:
 
 def fetch_audio(url: str, *, max_bytes: int, timeout: float, allow_private: bool) -> tuple[bytes, str]:
     """Download audio_url (bytes, content type), refusing private hosts unless allowed and bodies over max_bytes."""
-    host = urlsplit(url).hostname or ""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    request_url, headers, extensions = url, {}, {}
     if not allow_private:
-        _check_public(host)
+        # Connect to the address just checked, so a name that resolves anew (DNS rebinding) cannot
+        # move the request elsewhere; the Host header and TLS server name stay the URL's.
+        address = resolve_public(host)
+        literal = f"[{address}]" if ":" in address else address
+        netloc = f"{literal}:{parts.port}" if parts.port else literal
+        request_url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+        headers = {"Host": parts.netloc.rpartition("@")[2]}
+        extensions = {"sni_hostname": host}
     try:
-        with httpx.stream("GET", url, timeout=timeout, follow_redirects=False) as resp:
+        # Redirects are not followed: a 3xx is refused like any answer but 200.
+        with (
+            httpx.Client(timeout=timeout, follow_redirects=False) as client,
+            client.stream("GET", request_url, headers=headers, extensions=extensions) as resp,
+        ):
             if resp.status_code != 200:
                 raise _bad_url(f"audio_url answered HTTP {resp.status_code}")
             chunks: list[bytes] = []
             size = 0
+            deadline = time.monotonic() + timeout  # httpx's timeout is per read; a trickle must end too
             for chunk in resp.iter_bytes():
+                if time.monotonic() > deadline:
+                    raise _bad_url(f"audio_url took longer than {timeout:g} s to download")
                 size += len(chunk)
                 if size > max_bytes:
                     raise PayloadTooLargeError(

@@ -19,6 +19,8 @@ from gateway_core.models import CreditEntry, Job, Tenant, utcnow
 from gateway_core.usage import count_usage
 
 KINDS = ("grant", "reserve", "capture", "release", "refund", "adjustment")
+# The most one grant or adjustment may move: sums of many stay far inside the ledger's 64-bit columns.
+MAX_GRANT = 10**12
 
 
 class InsufficientCreditsError(GatewayError):
@@ -99,6 +101,8 @@ def grant(session: Session, tenant_id: int, amount: int, *, kind: str = "grant",
         raise InvalidRequestError(f"kind must be grant, refund or adjustment, got {kind!r}")
     if amount == 0 or (amount < 0 and kind != "adjustment"):
         raise InvalidRequestError(f"a {kind} needs a positive amount, got {amount}")
+    if abs(amount) > MAX_GRANT:
+        raise InvalidRequestError(f"one {kind} moves at most {MAX_GRANT} credits", details={"limit": MAX_GRANT})
     tenant = lock_tenant(session, tenant_id)
     if tenant.credits_balance + amount < 0:
         raise InvalidRequestError(

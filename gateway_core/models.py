@@ -28,6 +28,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column, rel
 
 from gateway_core.states import ACTIVE, JobState
 
+CONTENT_TYPE_LENGTH = 128  # an upload's Content-Type as stored; longer ones are refused at submit
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -133,7 +135,7 @@ class Job(Base):
     state: Mapped[JobState] = mapped_column(_state_enum())
     request: Mapped[dict[str, Any]] = mapped_column(default=dict)
     input_data: Mapped[bytes | None] = deferred(mapped_column(LargeBinary, default=None))
-    input_content_type: Mapped[str | None] = mapped_column(String(128), default=None)
+    input_content_type: Mapped[str | None] = mapped_column(String(CONTENT_TYPE_LENGTH), default=None)
     audio_seconds: Mapped[float | None] = mapped_column(Float, default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Broker priority from the tenant's tier at submit: 0 first (enterprise), 3 (pro), 6 (free).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from flask import Response, current_app, jsonify
 from flask_openapi3 import APIBlueprint, Tag
@@ -11,6 +11,8 @@ from pydantic import BaseModel, Field
 
 from gateway_core import credits as ledger
 from gateway_core import deadletters
+from gateway_core.catalog import NO_NUL, Number
+from gateway_core.credits import MAX_GRANT
 from gateway_core.errors import InvalidRequestError, ValidationFailedError
 from gateway_core.jobs import mark_enqueued
 from gateway_core.live import request_reload
@@ -34,9 +36,11 @@ class GrantPath(BaseModel):
 
 
 class GrantBody(BaseModel):
-    amount: int = Field(description="credits to add; an adjustment may be negative")
+    amount: Annotated[int, Number] = Field(
+        ge=-MAX_GRANT, le=MAX_GRANT, description="credits to add; an adjustment may be negative"
+    )
     kind: Literal["grant", "refund", "adjustment"] = "grant"
-    note: str | None = Field(default=None, max_length=255)
+    note: str | None = Field(default=None, max_length=255, pattern=NO_NUL)
 
 
 class GrantOut(BaseModel):

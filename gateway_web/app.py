@@ -16,6 +16,7 @@ from gateway_web import admin, credits, health, jobs
 from gateway_web.auth import SECURITY_SCHEMES, init_auth
 from gateway_web.context import WebContext
 from gateway_web.errors import register_error_handlers, validation_error_response
+from gateway_web.input_guard import init_input_guard
 from gateway_web.limits import make_limiter
 from gateway_web.openapi import JobgateOpenAPI
 
@@ -35,7 +36,6 @@ def create_app(settings: Settings | None = None) -> JobgateOpenAPI:
         validation_error_callback=validation_error_response,
     )
     app.config["MAX_CONTENT_LENGTH"] = settings.gateway.max_body_bytes
-    app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["jobgate"] = WebContext(
         settings=settings,
         db=Database(settings.database_url),
@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> JobgateOpenAPI:
         resp.headers["X-Request-ID"] = g.get("request_id", "")
         return resp
 
+    init_input_guard(app)  # after the request id, so its refusals carry one
     init_auth(app)  # before the limiter: limits are keyed by the authenticated tenant
     make_limiter(app, settings)
     app.register_api(health.bp)

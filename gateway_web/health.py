@@ -6,14 +6,24 @@ from typing import Any
 
 from flask import Response, jsonify
 from flask_openapi3 import APIBlueprint, Tag
+from pydantic import BaseModel, Field
 
 from gateway_web.context import ctx
-from gateway_web.errors import error_response
+from gateway_web.errors import ErrorEnvelope, error_response
 
 bp = APIBlueprint("health", __name__, abp_tags=[Tag(name="health")])
 
 
-@bp.get("/health")
+class HealthOut(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+class ReadyOut(BaseModel):
+    status: str = Field(examples=["ready"])
+    checks: dict[str, str] = Field(description="database, redis, broker: 'ok' or 'down: <reason>'")
+
+
+@bp.get("/health", responses={200: HealthOut})
 def health() -> Response:
     """The process is alive."""
     return jsonify({"status": "ok"})
@@ -32,7 +42,7 @@ def _broker() -> None:
         conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=2)
 
 
-@bp.get("/ready")
+@bp.get("/ready", responses={200: ReadyOut, 503: ErrorEnvelope})
 def ready() -> Response:
     """Database, Redis and the broker are reachable; 503 naming what is down otherwise."""
     c = ctx()

@@ -40,15 +40,21 @@ class JobgateOpenAPI(OpenAPI):
         spec = self.spec_json
         envelope = self._schema_ref(spec, ErrorEnvelope)
         spec["components"]["schemas"].pop(self.validation_error_model.__name__, None)
-        for path_item in spec["paths"].values():
-            for op in path_item.values():
-                op["responses"][self.validation_error_status] = {
-                    "description": "Validation failed; details.fields lists each bad field",
-                    "content": {"application/json": {"schema": envelope}},
-                }
         for path, bodies in self.request_bodies.items():
             op = spec["paths"][path]["post"]
             op["requestBody"] = {
                 "required": True,
                 "content": {ctype: {"schema": self._schema_ref(spec, m)} for ctype, m in bodies.items()},
             }
+        for path_item in spec["paths"].values():
+            for op in path_item.values():
+                responses = op["responses"]
+                responses.pop(str(self.validation_error_status), None)
+                if op.get("parameters") or op.get("requestBody"):
+                    responses[str(self.validation_error_status)] = {
+                        "description": "Validation failed; details.fields lists each bad field",
+                        "content": {"application/json": {"schema": envelope}},
+                    }
+                # Every request passes the input guard first: control characters in the path or query.
+                responses.setdefault("400", {"description": "Bad request", "content": {"application/json": {}}})
+                responses["400"]["content"] = {"application/json": {"schema": envelope}}

@@ -16,8 +16,12 @@ from gateway_core.errors import (
     UnsupportedMediaTypeError,
     ValidationFailedError,
 )
+from gateway_core.models import CONTENT_TYPE_LENGTH
+from gateway_web.input_guard import check_form_text
 
 JSON = "application/json"
+MAX_FILENAME = 255
+MAX_CONTENT_TYPE = CONTENT_TYPE_LENGTH
 MULTIPART = "multipart/form-data"
 
 
@@ -48,8 +52,11 @@ def parse_submission(kind: ServiceKind, max_bytes: int) -> Submission:
         return _parse_upload()
     try:
         data = request.get_json()
-    except BadRequest:
-        raise InvalidRequestError("the body is not valid JSON", code="INVALID_JSON") from None
+    except BadRequest as exc:
+        reason = _parser_error(exc)
+        raise InvalidRequestError(
+            "the body is not valid JSON", code="INVALID_JSON", details={"reason": reason}
+        ) from None
     if not isinstance(data, dict):
         raise _invalid([{"field": "(body)", "message": "the body must be a JSON object", "type": "dict_type"}])
     model = kind.json_model.model_validate(data)
@@ -59,14 +66,34 @@ def parse_submission(kind: ServiceKind, max_bytes: int) -> Submission:
 
 def _parse_upload() -> Submission:
     upload = request.files.get("file")
+    for name, value in request.form.items(multi=True):
+        check_form_text(f"form field {name}", name + value)
     options = TranscribeOptions.model_validate(dict(request.form.items()))
     if upload is None:
         raise _invalid([{"field": "file", "message": "an audio file part named 'file' is required", "type": "missing"}])
+    filename = upload.filename or "audio"
+    check_form_text("file name", filename)
+    if len(filename) > MAX_FILENAME:
+        raise _invalid(
+            [{"field": "file", "message": f"the file name is over {MAX_FILENAME} characters", "type": "too_long"}]
+        )
+    content_type = upload.mimetype or None
+    if content_type and len(content_type) > MAX_CONTENT_TYPE:
+        message = f"the file's Content-Type is over {MAX_CONTENT_TYPE} characters"
+        raise _invalid([{"field": "file", "message": message, "type": "too_long"}])
     data = upload.read()
     seconds = measure_seconds(data)
     body = options.model_dump(mode="json", exclude_none=True)
-    body["filename"] = upload.filename or "audio"
-    return Submission(request=body, audio=data, audio_content_type=upload.mimetype or None, audio_seconds=seconds)
+    body["filename"] = filename
+    return Submission(request=body, audio=data, audio_content_type=content_type, audio_seconds=seconds)
+
+
+def _parser_error(exc: BaseException) -> str:
+    """What the JSON parser said: Flask raises its 400 while handling the parser's ValueError."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ValueError):
+        cause = cause.__cause__ or cause.__context__
+    return str(cause) if cause is not None else "the body does not parse as JSON"
 
 
 def _invalid(fields: list[dict[str, str]]) -> ValidationFailedError:

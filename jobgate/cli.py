@@ -15,6 +15,7 @@ import psycopg2.errors
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 
+from gateway_core.credits import MAX_GRANT
 from gateway_core.db import Database
 from gateway_core.errors import ConfigError, GatewayError
 from gateway_core.settings import DEFAULT_TIERS
@@ -86,7 +87,7 @@ def tenants() -> None:
 @tenants.command("create")
 @click.argument("name")
 @click.option("--tier", type=click.Choice(list(DEFAULT_TIERS)), default="free", show_default=True)
-@click.option("--credits", "credits_", type=click.IntRange(0, 10**12), default=0, help="credits granted at once")
+@click.option("--credits", "credits_", type=click.IntRange(0, MAX_GRANT), default=0, help="credits granted at once")
 def tenants_create(name: str, tier: str, credits_: int) -> None:
     """Create a tenant, with credits if given."""
     from gateway_core.credits import grant
@@ -142,7 +143,7 @@ def credits() -> None:
 
 @credits.command("grant")
 @click.argument("tenant_name")
-@click.argument("amount", type=click.IntRange(-(10**12), 10**12))
+@click.argument("amount", type=click.IntRange(-MAX_GRANT, MAX_GRANT))
 @click.option("--kind", type=click.Choice(["grant", "refund", "adjustment"]), default="grant", show_default=True)
 @click.option("--note", default=None)
 def credits_grant(tenant_name: str, amount: int, kind: str, note: str | None) -> None:

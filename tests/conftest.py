@@ -33,6 +33,7 @@ from gateway_core.settings import Settings, load_settings
 from gateway_core.states import TERMINAL
 from gateway_core.tenants import create_api_key, create_tenant
 from gateway_web import create_app
+from tests.audio import wav_bytes
 from tests.procs import Proc, free_port, start_replica, start_worker
 
 PG = os.environ.get("JOBGATE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
@@ -483,3 +484,24 @@ def embedded_db(tmp_session: Path) -> Iterator[Database]:
 def any_db(request: pytest.FixtureRequest) -> Database:
     """The test PostgreSQL, then the embedded default's: invariants that must hold on both."""
     return request.getfixturevalue("db" if request.param == "test-postgres" else "embedded_db")
+
+
+@pytest.fixture(scope="session")
+def audio_server() -> Iterator[str]:
+    """A real HTTP server on an ephemeral port serving a 2.5 s WAV at /clip.wav."""
+    clip = wav_bytes(2.5)
+
+    from werkzeug.serving import make_server
+    from werkzeug.wrappers import Request, Response
+
+    def app(environ: Any, start_response: Any) -> Any:
+        req = Request(environ)
+        resp = Response(clip, mimetype="audio/wav") if req.path == "/clip.wav" else Response("no", status=404)
+        return resp(environ, start_response)
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(5)

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import io
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select
-from werkzeug.serving import make_server
-from werkzeug.wrappers import Request, Response
 
 from gateway_core.models import Job
 from tests.audio import wav_bytes
@@ -47,24 +43,6 @@ def test_transcribe_upload_runs_to_succeeded(client: Any, worker: Any, tenant: T
     assert got["replica"] in ("transcribe-a", "transcribe-b") and got["attempts"] == 1
     assert got["timings"]["finished_at"] >= got["timings"]["started_at"] >= got["timings"]["created_at"]
     assert "events" not in got
-
-
-@pytest.fixture()
-def audio_server() -> Iterator[str]:
-    """A real HTTP server on an ephemeral port serving a 2.5 s WAV at /clip.wav."""
-    clip = wav_bytes(2.5)
-
-    def app(environ: Any, start_response: Any) -> Any:
-        req = Request(environ)
-        resp = Response(clip, mimetype="audio/wav") if req.path == "/clip.wav" else Response("no", status=404)
-        return resp(environ, start_response)
-
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(5)
 
 
 def test_transcribe_audio_url_is_fetched_and_measured(
