@@ -17,7 +17,14 @@ from gateway_core.usage import count_usage
 
 # Failures an operator can act on; a replica rejecting bad input (REPLICA_REJECTED) is the client's to fix.
 DEAD_LETTER_CODES = frozenset(
-    {"ALL_ATTEMPTS_FAILED", "NO_REPLICA_AVAILABLE", "WORKER_LOST", "SERVICE_REMOVED", "DEADLINE_EXCEEDED"}
+    {
+        "ALL_ATTEMPTS_FAILED",
+        "NO_REPLICA_AVAILABLE",
+        "WORKER_LOST",
+        "SERVICE_REMOVED",
+        "DEADLINE_EXCEEDED",
+        "OUTCOME_NOT_RECORDED",
+    }
 )
 
 

@@ -210,6 +210,33 @@ def _record(
     attempt: int,
     outcome: dict[str, Any] | ReplicaError,
 ) -> str:
+    """Record one attempt's outcome; an outcome that cannot be recorded for a reason other than the database
+    or Redis being away fails the job (credits released, dead-lettered, alerted) instead of leaving it
+    PROCESSING for every later attempt to trip on."""
+    try:
+        return _record_outcome(task, ctx, job_id, svc, attempt, outcome)
+    except (OperationalError, redis.ConnectionError):
+        raise  # away for a moment: the task is retried
+    except Exception as exc:
+        log.exception("the outcome of job %s (attempt %d) could not be recorded", job_id, attempt)
+        with ctx.db.transaction() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.state != S.PROCESSING or job.attempts != attempt:
+                return "superseded"
+            message = f"the replica answered but its outcome could not be recorded: {exc.__class__.__name__}"
+            detail = {"outcome": "not_recorded", "error": f"{exc.__class__.__name__}: {str(exc)[:500]}"}
+            lifecycle.fail(s, job, "OUTCOME_NOT_RECORDED", message, detail=detail)
+        return "failed"
+
+
+def _record_outcome(
+    task: Task,
+    ctx: WorkerContext,
+    job_id: str,
+    svc: ServiceConfig,
+    attempt: int,
+    outcome: dict[str, Any] | ReplicaError,
+) -> str:
     """Record one attempt's outcome: SUCCEEDED, FAILED, or back to QUEUED for another replica after a backoff."""
     retry_in: float | None = None
     with ctx.db.transaction() as s:

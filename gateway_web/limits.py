@@ -98,13 +98,33 @@ end
 return out
 """
 
+    SCRIPT_WINDOW = """
+-- KEYS: a window's previous and current counter; ARGV: its expiry (s). Shifts an expired current window
+-- to previous, as acquiring does, and returns {previous count, previous ttl, current count, current ttl}.
+local expiry = tonumber(ARGV[1]) * 1000
+local current_ttl = tonumber(redis.call('pttl', KEYS[2]))
+if current_ttl > 0 and current_ttl < expiry then
+    redis.call('rename', KEYS[2], KEYS[1])
+    redis.call('set', KEYS[2], 0, 'PX', current_ttl + expiry)
+end
+local previous_count, previous_ttl = redis.call('get', KEYS[1]), redis.call('pttl', KEYS[1])
+return {previous_count, previous_ttl, redis.call('get', KEYS[2]), redis.call('pttl', KEYS[2])}
+"""
+
     def __init__(self, uri: str, **options: Any) -> None:
         super().__init__(uri.removeprefix("jobgate+"), **options)
         self._seen = _Seen()
 
     def initialize_storage(self, uri: str) -> None:
         super().initialize_storage(uri)
-        self.lua_acquire_all = self.get_connection().register_script(self.SCRIPT_ACQUIRE_ALL.encode())
+        connection = self.get_connection()
+        self.lua_acquire_all = connection.register_script(self.SCRIPT_ACQUIRE_ALL.encode())
+        self.lua_window = connection.register_script(self.SCRIPT_WINDOW.encode())
+
+    def window_keys(self, key: str) -> list[str]:
+        """A window's previous and current counters. The braces keep both in one Redis Cluster slot, and
+        the names are those limits' own Redis storage uses, so counters carry over between the two."""
+        return [self.prefixed_key(f"{{{key}}}/-1"), self.prefixed_key(f"{{{key}}}")]
 
     def plan(self, entries: list[Entry]) -> None:
         """The windows this request's limits will ask about, in the order they will."""
@@ -126,10 +146,7 @@ return out
         keys: list[str] = []
         args: list[int] = []
         for key, limit, expiry, amount in entries:
-            keys += [
-                self.prefixed_key(self._previous_window_key(key)),
-                self.prefixed_key(self._current_window_key(key)),
-            ]
+            keys += self.window_keys(key)
             args += [limit, expiry, amount]
         for (key, *_), result in zip(entries, self.lua_acquire_all(keys, args), strict=False):
             acquired, prev_count, prev_ttl, cur_count, cur_ttl = result
@@ -138,7 +155,15 @@ return out
 
     def get_sliding_window(self, key: str, expiry: int) -> Window:
         seen = self._seen.windows.pop(key, None)
-        return seen if seen is not None else super().get_sliding_window(key, expiry)
+        if seen is not None:
+            return seen
+        prev_count, prev_ttl, cur_count, cur_ttl = self.lua_window(self.window_keys(key), [expiry])
+        return (
+            int(prev_count or 0),
+            max(0.0, float(prev_ttl or 0)) / 1000,
+            int(cur_count or 0),
+            max(0.0, float(cur_ttl or 0)) / 1000,
+        )
 
 
 def _storage_uri(redis_url: str) -> str:

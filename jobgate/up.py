@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 import shlex
 import signal
 import stat
@@ -141,6 +142,7 @@ def _programs(
 
 def supervisord_conf(data_dir: Path, programs: list[Program], log_level: str) -> str:
     """supervisord's configuration: every child's output on this terminal, restarted when it exits."""
+    password = secrets.token_urlsafe(16)  # for its control socket; the file is readable by its owner only
     lines = [
         "[supervisord]",
         "nodaemon=true",
@@ -154,12 +156,16 @@ def supervisord_conf(data_dir: Path, programs: list[Program], log_level: str) ->
         "[unix_http_server]",
         f"file={data_dir / 'supervisor.sock'}",
         "chmod=0700",
+        "username=jobgate",
+        f"password={password}",
         "",
         "[rpcinterface:supervisor]",
         "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
         "",
-        "[supervisorctl]",
+        "[supervisorctl]",  # `supervisorctl -c <data dir>/supervisord.conf status` shows every child
         f"serverurl=unix://{data_dir / 'supervisor.sock'}",
+        "username=jobgate",
+        f"password={password}",
     ]
     for p in programs:
         lines += [
@@ -220,6 +226,8 @@ def run_stack(
     )
     programs = _programs(stack, port, flower_port, redis_port, with_replicas=with_replicas, log_level=log_level)
     conf = data_dir / "supervisord.conf"
+    conf.touch(mode=0o600)
+    conf.chmod(0o600)
     conf.write_text(supervisord_conf(data_dir, programs, log_level))
     save_state(data_dir, redis_port=redis_port, port=port, flower_port=flower_port)
 

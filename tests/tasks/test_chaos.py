@@ -45,7 +45,9 @@ def test_a_replica_killed_under_load_loses_no_job_and_comes_back_through_its_cir
     client: Any, worker: Any, db: Any, settings: Settings, tmp_path: Path
 ) -> None:
     tenant = make_tenant(db, tier="enterprise", credits=10_000, concurrency_limit=1000)
-    chaos, _ = start_replica(tmp_path, "codegen", "chaos", latency_ms=1000, port=CHAOS_PORT)
+    # Calls last 5 s: the two seen in flight are still mid-call when the kill lands (with 1 s, both could
+    # finish between the look and the kill, and fewer than two jobs failed over).
+    chaos, _ = start_replica(tmp_path, "codegen", "chaos", latency_ms=5000, port=CHAOS_PORT)
     revived: Proc | None = None
     try:
         # Until probes see it up, jobs go to codegen-c alone.

@@ -4,9 +4,12 @@ one throttled alert by email (a real local SMTP server) and by webhook; admins l
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
-from gateway_core.models import CreditEntry, Tenant
+from sqlalchemy import text
+
+from gateway_core.models import CreditEntry, DeadLetter, Tenant
 from gateway_core.states import JobState
 from gateway_core.tenants import create_api_key
 from tests.conftest import Inbox, TenantKey, make_tenant, wait_terminal
@@ -136,3 +139,36 @@ def test_a_job_past_its_overall_deadline_fails_before_its_attempts_run_out(clien
         assert s.get(Tenant, tenant.tenant_id).credits_balance == 10  # the reservation came back
     listed = client.get("/v1/admin/dead-letters?service=codegen-deadline", headers=_admin_headers(db)).json
     assert job_id in {d["job_id"] for d in listed["dead_letters"]}
+
+
+def test_an_outcome_that_cannot_be_recorded_fails_the_job_once_instead_of_stranding_it(
+    client: Any, worker: Any, db: Any
+) -> None:
+    # A real PostgreSQL trigger refuses this one job's success, as a broken constraint or a full disk would.
+    marker = f"unrecordable-{uuid.uuid4().hex[:8]}"
+    with db.transaction() as s:
+        s.execute(
+            text(
+                "CREATE OR REPLACE FUNCTION jobgate_test_refuse() RETURNS trigger AS $$ "
+                "BEGIN RAISE EXCEPTION 'refused by the test trigger'; END $$ LANGUAGE plpgsql"
+            )
+        )
+        s.execute(
+            text(
+                "CREATE TRIGGER jobgate_test_refuse BEFORE UPDATE ON jobs FOR EACH ROW WHEN "
+                f"(NEW.state = 'SUCCEEDED' AND NEW.request->>'prompt' = '{marker}') "
+                "EXECUTE FUNCTION jobgate_test_refuse()"
+            )
+        )
+    try:
+        tenant = make_tenant(db, credits=100)
+        job_id = client.post("/v1/jobs/codegen", headers=tenant.headers, json={"prompt": marker}).json["id"]
+        job = wait_terminal(db, job_id, timeout=30)
+    finally:
+        with db.transaction() as s:
+            s.execute(text("DROP TRIGGER IF EXISTS jobgate_test_refuse ON jobs"))
+    assert job.state == S.FAILED and job.error_code == "OUTCOME_NOT_RECORDED" and job.attempts == 1
+    with db.transaction() as s:
+        t = s.get(Tenant, tenant.tenant_id)
+        assert t is not None and (t.credits_balance, t.credits_reserved) == (100, 0)
+        assert s.query(DeadLetter).filter_by(job_id=job_id).count() == 1
