@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from flask import request
-from werkzeug.exceptions import BadRequest
+from flask import current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from gateway_core.audio import measure_seconds
 from gateway_core.catalog import ServiceKind, TranscribeOptions
@@ -50,13 +50,7 @@ def parse_submission(kind: ServiceKind, max_bytes: int) -> Submission:
         )
     if request.mimetype == MULTIPART:
         return _parse_upload()
-    try:
-        data = request.get_json()
-    except BadRequest as exc:
-        reason = _parser_error(exc)
-        raise InvalidRequestError(
-            "the body is not valid JSON", code="INVALID_JSON", details={"reason": reason}
-        ) from None
+    data = parse_json(read_body(max_bytes))
     if not isinstance(data, dict):
         raise _invalid([{"field": "(body)", "message": "the body must be a JSON object", "type": "dict_type"}])
     model = kind.json_model.model_validate(data)
@@ -88,12 +82,31 @@ def _parse_upload() -> Submission:
     return Submission(request=body, audio=data, audio_content_type=content_type, audio_seconds=seconds)
 
 
-def _parser_error(exc: BaseException) -> str:
-    """What the JSON parser said: Flask raises its 400 while handling the parser's ValueError."""
-    cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, ValueError):
-        cause = cause.__cause__ or cause.__context__
-    return str(cause) if cause is not None else "the body does not parse as JSON"
+def read_body(max_bytes: int) -> bytes:
+    """The whole body, or 413 past ``max_bytes``: a chunked body too, which has no Content-Length to check
+    first (the request stream raises once a read goes past the limit)."""
+    too_large = PayloadTooLargeError(f"request body is larger than {max_bytes} bytes", details={"limit": max_bytes})
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while chunk := request.stream.read(64 * 1024):
+            size += len(chunk)
+            if size > max_bytes:
+                raise too_large
+            chunks.append(chunk)
+    except RequestEntityTooLarge:
+        raise too_large from None
+    return b"".join(chunks)
+
+
+def parse_json(data: bytes) -> Any:
+    """The body parsed by the app's bounded JSON provider; 400 INVALID_JSON saying why not."""
+    try:
+        return current_app.json.loads(data)
+    except ValueError as exc:  # UnicodeDecodeError and the provider's bounds are ValueErrors too
+        raise InvalidRequestError(
+            "the body is not valid JSON", code="INVALID_JSON", details={"reason": str(exc)}
+        ) from None
 
 
 def _invalid(fields: list[dict[str, str]]) -> ValidationFailedError:

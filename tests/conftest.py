@@ -302,7 +302,7 @@ def config_file(
     services["codegen-circuit"] = {
         "kind": "codegen",
         **fast,
-        "circuit": {"failure_threshold": 2, "cooldown_seconds": 2},
+        "circuit": {"failure_threshold": 2, "cooldown_seconds": 6},
         "replicas": [_replica("flippy", replicas["flippy"]), _replica("codegen-b", replicas["codegen-b"])],
     }
     services["codegen-priority"] = {

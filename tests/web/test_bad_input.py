@@ -175,3 +175,15 @@ def test_an_audio_url_naming_loopback_is_refused(client: Any, tenant: TenantKey,
 
     with pytest.raises(ValidationFailedError, match="not on the public internet"):
         fetch_audio("http://localhost:9/clip.wav", max_bytes=1000, timeout=1, allow_private=False)
+
+
+@pytest.mark.parametrize(("size", "status"), [(1_000, 202), (10 * 1024 * 1024, 413)])
+def test_a_chunked_body_is_measured_as_it_is_read(client: Any, tenant: TenantKey, size: int, status: int) -> None:
+    body = b'{"prompt": "' + b"x" * size + b'", "max_tokens": 1}'
+    resp = client.post(
+        "/v1/jobs/codegen",
+        headers={**tenant.headers, "Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+        input_stream=io.BytesIO(body),
+        environ_overrides={"wsgi.input_terminated": True},  # what gunicorn says of a chunked body
+    )
+    assert resp.status_code == status, resp.get_data(as_text=True)[:300]
