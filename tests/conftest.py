@@ -404,8 +404,10 @@ def worker(settings: Settings, worker_env: dict[str, str], tmp_session: Path) ->
 
 
 @pytest.fixture(scope="session")
-def app(settings: Settings) -> Any:
-    return create_app(settings)
+def app(settings: Settings) -> Iterator[Any]:
+    app = create_app(settings)
+    yield app
+    app.extensions["jobgate"].db.dispose()  # before the test database is dropped under its connections
 
 
 @pytest.fixture()
@@ -505,3 +507,22 @@ def audio_server() -> Iterator[str]:
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
     thread.join(5)
+
+
+def wait_message_handled(settings: Settings, service: str, task_id: str, timeout: float = 20) -> None:
+    """Wait until no message of ``task_id`` waits in ``service``'s queue and no worker holds one: the
+    dispatches sent for it have all been handled (seen twice in a row, 0.2 s apart)."""
+    from gateway_tasks.celery_app import create_celery
+    from gateway_tasks.publish import empty_queues
+
+    celery = create_celery(settings)
+    queue = settings.queue_for(service)
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while quiet < 2:
+        replies = celery.control.inspect(timeout=0.5).query_task(task_id) or {}  # {worker: {task id: ...}}
+        held = any(task_id in (tasks or {}) for tasks in replies.values())
+        busy = held or queue not in empty_queues(celery, [queue])
+        quiet = 0 if busy else quiet + 1
+        assert time.monotonic() < deadline, f"a dispatch of {task_id} is still pending after {timeout} s"
+        time.sleep(0.2)

@@ -16,7 +16,16 @@ from sqlalchemy import select
 from gateway_core.models import CreditEntry, DeadLetter, Job
 from gateway_core.settings import Settings
 from gateway_core.states import JobState
-from tests.conftest import CHAOS_PORT, ISOLATED_QUEUE, Inbox, TenantKey, make_tenant, wait_state, wait_terminal
+from tests.conftest import (
+    CHAOS_PORT,
+    ISOLATED_QUEUE,
+    Inbox,
+    TenantKey,
+    make_tenant,
+    wait_message_handled,
+    wait_state,
+    wait_terminal,
+)
 from tests.procs import Proc, start_replica, start_worker
 
 S = JobState
@@ -113,6 +122,7 @@ def test_a_poison_job_stops_after_its_attempts_dead_lettered_refunded_and_alerte
     worker: Any,
     worker_env: dict[str, str],
     db: Any,
+    settings: Settings,
     tmp_path: Path,
     webhook_inbox: tuple[Inbox, str],
 ) -> None:
@@ -144,7 +154,7 @@ def test_a_poison_job_stops_after_its_attempts_dead_lettered_refunded_and_alerte
             letters = s.scalars(select(DeadLetter).where(DeadLetter.job_id == job_id)).all()
         assert kinds == ["reserve", "release"] and len(letters) == 1  # refunded once, one dead letter
         _until(lambda: webhook_inbox[0].matching(kind="job_failed", service="codegen-poison"), 20, "alert")
-        time.sleep(3)  # no loop: nothing further happens to the job, no second alert
+        wait_message_handled(settings, "codegen-poison", job_id)  # no dispatch of it is left anywhere: no loop
         assert len(webhook_inbox[0].matching(kind="job_failed", service="codegen-poison")) == 1
         assert wait_terminal(db, job_id).attempts == 3
     finally:

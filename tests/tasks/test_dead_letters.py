@@ -7,9 +7,11 @@ import time
 import uuid
 from typing import Any
 
+import redis
 from sqlalchemy import text
 
 from gateway_core.models import CreditEntry, DeadLetter, Tenant
+from gateway_core.settings import Settings
 from gateway_core.states import JobState
 from gateway_core.tenants import create_api_key
 from tests.conftest import Inbox, TenantKey, make_tenant, wait_terminal
@@ -32,7 +34,12 @@ def _eventually(check: Any, timeout: float = 20) -> Any:
 
 
 def test_final_failure_is_dead_lettered_refunded_and_alerted_once(
-    client: Any, worker: Any, db: Any, smtp_inbox: tuple[Inbox, int], webhook_inbox: tuple[Inbox, str]
+    client: Any,
+    worker: Any,
+    db: Any,
+    settings: Settings,
+    smtp_inbox: tuple[Inbox, int],
+    webhook_inbox: tuple[Inbox, str],
 ) -> None:
     tenant = make_tenant(db, credits=10)
     ids = [
@@ -56,7 +63,10 @@ def test_final_failure_is_dead_lettered_refunded_and_alerted_once(
 
     hooks = _eventually(lambda: webhook_inbox[0].matching(kind="job_failed", service="codegen-alerting"))
     mails = _eventually(lambda: [m for m in smtp_inbox[0].items if "job_failed on codegen-alerting" in m["subject"]])
-    time.sleep(3)  # three failures, one window: no further alert arrives
+    # Three failures, one window: all three were counted by the throttle (one sent, two held back), so no
+    # further alert can follow.
+    throttle = redis.Redis.from_url(settings.redis_url)
+    _eventually(lambda: int(throttle.get("jobgate:alert:job_failed:codegen-alerting:count") or 0) == 2)
     assert len(webhook_inbox[0].matching(kind="job_failed", service="codegen-alerting")) == len(hooks) == 1
     assert len([m for m in smtp_inbox[0].items if "job_failed on codegen-alerting" in m["subject"]]) == len(mails) == 1
     assert hooks[0]["count"] == 1 and hooks[0]["text"].startswith("[jobgate] job_failed on codegen-alerting")

@@ -15,7 +15,7 @@ from gateway_core.settings import Settings
 from gateway_core.states import JobState
 from gateway_tasks.celery_app import create_celery
 from gateway_tasks.publish import empty_queues, publish_dispatch
-from tests.conftest import TenantKey, wait_terminal
+from tests.conftest import TenantKey, wait_message_handled, wait_state, wait_terminal
 
 S = JobState
 
@@ -74,13 +74,13 @@ def test_redelivered_dispatch_messages_do_not_run_a_job_twice(
     celery = create_celery(settings)
     # While the slow replica works on it, the same message arrives twice more.
     job_id = _submit(client, tenant, "codegen-slow")
-    time.sleep(0.5)
+    wait_state(db, job_id, S.PROCESSING)
     assert publish_dispatch(celery, job_id, "codegen-slow") and publish_dispatch(celery, job_id, "codegen-slow")
     job = wait_terminal(db, job_id)
     assert job.state == S.SUCCEEDED
     # ... and once more after it finished.
     assert publish_dispatch(celery, job_id, "codegen-slow")
-    time.sleep(2.0)
+    wait_message_handled(settings, "codegen-slow", job_id)
     job = wait_terminal(db, job_id)
     assert [e.to_state for e in job.events].count(S.PROCESSING) == 1
     assert [e.to_state for e in job.events][-1] == S.SUCCEEDED

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -18,7 +17,7 @@ from gateway_core.models import CreditEntry, Job, Tenant
 from gateway_core.settings import Settings
 from gateway_web import create_app
 from tests.audio import wav_bytes
-from tests.conftest import make_tenant, wait_terminal
+from tests.conftest import make_tenant, wait_message_handled, wait_terminal
 from tests.procs import free_port
 
 
@@ -187,7 +186,7 @@ def test_short_balance_is_402_with_balance_and_cost(client: Any, db: Any) -> Non
 
 
 def test_cancel_releases_credits_and_the_late_result_is_ignored(
-    client: Any, worker: Any, db: Any, replicas: dict[str, str]
+    client: Any, worker: Any, db: Any, replicas: dict[str, str], settings: Settings
 ) -> None:
     t = make_tenant(db, credits=10)
     job_id = client.post("/v1/jobs/codegen-slow", headers=t.headers, json={"prompt": "x"}).json["id"]
@@ -195,7 +194,7 @@ def test_cancel_releases_credits_and_the_late_result_is_ignored(
     assert resp.status_code == 200 and resp.json["status"] == "CANCELED"
     again = client.delete(f"/v1/jobs/{job_id}", headers=t.headers)
     assert again.status_code == 409 and again.json["error"]["code"] == "JOB_FINISHED"
-    time.sleep(2.5)  # the slow replica answers; the worker finds the job canceled
+    wait_message_handled(settings, "codegen-slow", job_id)  # the slow replica answered; the job stayed canceled
     job = wait_terminal(db, job_id)
     assert job.state == "CANCELED" and [e.to_state for e in job.events].count("SUCCEEDED") == 0
     assert _ledger(db, t.tenant_id, job_id) == [("reserve", -1, 1), ("release", 1, -1)]
