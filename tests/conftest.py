@@ -24,13 +24,14 @@ import psycopg2
 import pytest
 import redis
 import yaml
+from sqlalchemy import func, select
 
 from gateway_core.credits import grant
 from gateway_core.db import Database
 from gateway_core.migrate import upgrade
-from gateway_core.models import Job
+from gateway_core.models import CreditEntry, Job, Tenant
 from gateway_core.settings import Settings, load_settings
-from gateway_core.states import TERMINAL
+from gateway_core.states import ACTIVE, TERMINAL
 from gateway_core.tenants import create_api_key, create_tenant
 from gateway_web import create_app
 from tests.audio import wav_bytes
@@ -526,3 +527,29 @@ def wait_message_handled(settings: Settings, service: str, task_id: str, timeout
         quiet = 0 if busy else quiet + 1
         assert time.monotonic() < deadline, f"a dispatch of {task_id} is still pending after {timeout} s"
         time.sleep(0.2)
+
+
+def assert_ledger_invariants(db: Database, tenant_id: int) -> None:
+    """Balance = the ledger's sum >= 0; reserved = the ledger's reserved sum = the open jobs' reservations;
+    no job charged beyond its reservation."""
+    with db.transaction() as s:
+        t = s.get(Tenant, tenant_id)
+        assert t is not None
+        amount, held = s.execute(
+            select(
+                func.coalesce(func.sum(CreditEntry.amount), 0), func.coalesce(func.sum(CreditEntry.reserved_change), 0)
+            ).where(CreditEntry.tenant_id == tenant_id)
+        ).one()
+        open_reservations = s.scalar(
+            select(func.coalesce(func.sum(Job.credits_reserved), 0)).where(
+                Job.tenant_id == tenant_id, Job.state.in_(ACTIVE)
+            )
+        )
+        charged_beyond = s.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.tenant_id == tenant_id, Job.credits_charged > Job.credits_reserved)
+        )
+    assert t.credits_balance == amount >= 0
+    assert t.credits_reserved == held == open_reservations >= 0
+    assert charged_beyond == 0

@@ -10,17 +10,17 @@ from typing import Any
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from gateway_core import lifecycle
 from gateway_core.admission import JobInput, admit
 from gateway_core.credits import grant
 from gateway_core.errors import GatewayError
 from gateway_core.jobs import transition
-from gateway_core.models import CreditEntry, Job, Tenant
+from gateway_core.models import Job
 from gateway_core.settings import Settings
 from gateway_core.states import ACTIVE, JobState
-from tests.conftest import make_tenant
+from tests.conftest import assert_ledger_invariants, make_tenant
 
 S = JobState
 OPS = st.one_of(
@@ -69,30 +69,6 @@ def _apply(db: Any, settings: Settings, tenant_id: int, op: tuple[Any, ...]) -> 
             lifecycle.cancel(s, job_id, tenant_id)
 
 
-def _check_invariants(db: Any, tenant_id: int) -> None:
-    with db.transaction() as s:
-        t = s.get(Tenant, tenant_id)
-        assert t is not None
-        amount, held = s.execute(
-            select(
-                func.coalesce(func.sum(CreditEntry.amount), 0), func.coalesce(func.sum(CreditEntry.reserved_change), 0)
-            ).where(CreditEntry.tenant_id == tenant_id)
-        ).one()
-        open_reservations = s.scalar(
-            select(func.coalesce(func.sum(Job.credits_reserved), 0)).where(
-                Job.tenant_id == tenant_id, Job.state.in_(ACTIVE)
-            )
-        )
-        charged_beyond = s.scalar(
-            select(func.count())
-            .select_from(Job)
-            .where(Job.tenant_id == tenant_id, Job.credits_charged > Job.credits_reserved)
-        )
-    assert t.credits_balance == amount >= 0
-    assert t.credits_reserved == held == open_reservations >= 0
-    assert charged_beyond == 0
-
-
 @hsettings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(OPS, min_size=1, max_size=14))
 def test_balance_is_the_ledger_sum_and_reserved_the_open_reservations(
@@ -101,4 +77,4 @@ def test_balance_is_the_ledger_sum_and_reserved_the_open_reservations(
     tenant = make_tenant(any_db, credits=0)
     for op in ops:
         _apply(any_db, settings, tenant.tenant_id, op)
-        _check_invariants(any_db, tenant.tenant_id)
+        assert_ledger_invariants(any_db, tenant.tenant_id)
