@@ -77,6 +77,15 @@ def hold(
         "enqueued_at": None,
         "lease_expires_at": None,
     }
+    if job.state == S.PROCESSING:
+        # Taken over from a worker that died mid-call, and no replica can take it now: the lost attempt
+        # sends it back to QUEUED (as a failed attempt would), from where it is held like any queued job.
+        requeued = transition(
+            session, job, S.QUEUED, now=now, detail={"outcome": "worker_lost"}, values={"lease_expires_at": None}
+        )
+        if requeued is None:
+            return None
+        job = requeued
     if job.state == S.HELD:  # still held: move the next try, without another event
         res = session.execute(
             update(Job)

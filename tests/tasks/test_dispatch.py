@@ -8,13 +8,16 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
+import redis
 
+from gateway_core import lifecycle
 from gateway_core.jobs import create_job, jobs_to_resend, mark_enqueued, transition
 from gateway_core.models import Job, utcnow
 from gateway_core.settings import Settings
 from gateway_core.states import JobState
 from gateway_tasks.celery_app import create_celery
 from gateway_tasks.publish import empty_queues, publish_dispatch
+from gateway_tasks.registry import Registry
 from tests.conftest import TenantKey, wait_message_handled, wait_state, wait_terminal
 
 S = JobState
@@ -124,10 +127,10 @@ def test_empty_queues_counts_only_messages_waiting(settings: Settings) -> None:
             conn.default_channel.queue_delete(name)
 
 
-def _orphan(db: Any, tenant: TenantKey, attempt: int, *, processing: bool) -> str:
+def _orphan(db: Any, tenant: TenantKey, attempt: int, *, processing: bool, service: str = "codegen") -> str:
     """A job whose worker took it in flight and died: its lease has run out, nothing drives it."""
     with db.transaction() as s:
-        job = create_job(s, tenant_id=tenant.tenant_id, service="codegen", request={"prompt": "x"})
+        job = create_job(s, tenant_id=tenant.tenant_id, service=service, request={"prompt": "x"})
         past = utcnow() - timedelta(seconds=1)
         job = transition(
             s,
@@ -140,6 +143,21 @@ def _orphan(db: Any, tenant: TenantKey, attempt: int, *, processing: bool) -> st
         if processing:
             job = transition(s, job, S.PROCESSING)
         return str(job.id)
+
+
+def test_a_job_taken_over_when_no_replica_can_take_it_is_held(
+    worker: Any, tenant: TenantKey, db: Any, settings: Settings
+) -> None:
+    # The service's one replica has no server: marked down now, as probes or a refused call would.
+    Registry(redis.Redis.from_url(settings.redis_url)).mark_down("codegen-revive", "revive")
+    job_id = _orphan(db, tenant, 1, processing=True, service="codegen-revive")
+    try:
+        job = wait_state(db, job_id, S.HELD, timeout=30)
+        assert [(e.from_state, e.to_state) for e in job.events][-2:] == [(S.PROCESSING, S.QUEUED), (S.QUEUED, S.HELD)]
+        assert job.attempts == 1 and job.next_attempt_at is not None  # the lost attempt counts; it waits
+    finally:
+        with db.transaction() as s:
+            lifecycle.cancel(s, job_id, tenant.tenant_id)  # leaves nothing held behind for later tests
 
 
 def test_job_of_a_dead_worker_is_reclaimed_after_its_lease(worker: Any, tenant: TenantKey, db: Any) -> None:
