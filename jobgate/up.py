@@ -218,6 +218,7 @@ def run_stack(
     stack: Stack, port: int, flower_port: int, redis_port: int, *, with_replicas: bool, log_level: str = "warning"
 ) -> int:
     settings, data_dir = stack.settings, stack.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)  # with an external database nothing else has made it
     check_reachable(settings)
     if not stack.embedded_redis:
         _check_redis(settings.redis_url)

@@ -156,3 +156,31 @@ def test_up_runs_the_readme_walks_restarts_a_dead_child_and_stops_every_child(
     _, alive = psutil.wait_procs(children, timeout=15)
     assert alive == [], f"still running after Ctrl-C: {[p.cmdline() for p in alive]}"
     assert _gone(postmaster, timeout=15), "the embedded PostgreSQL still runs after Ctrl-C"
+
+
+def test_up_on_a_database_url_as_users_write_it(tmp_path: Path, database_url: str) -> None:
+    """`postgres://…` (Heroku's form) runs the stack on that database: no embedded PostgreSQL, no demo tenant."""
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "CELERY_BROKER_URL", "JOBGATE_DATA_DIR")}
+    env["DATABASE_URL"] = database_url.replace("postgresql+psycopg2://", "postgres://", 1)
+    env["JOBGATE_CONFIG"] = str(ROOT / "gateway.yaml")
+    port = free_port()
+    ports = ["--port", str(port), "--flower-port", str(free_port()), "--redis-port", str(free_port())]
+    up = Proc([str(BIN / "jobgate"), "up", "--no-replicas", *ports], tmp_path / "up.log", env=env, cwd=tmp_path)
+    children: list[psutil.Process] = []
+    try:
+        out = up.wait_for(lambda o: "jobgate is ready" in o, 120, "jobgate up ready banner")
+        children = psutil.Process(up.pid).children(recursive=True)
+        assert "(DATABASE_URL / config)" in out and "demo API key" not in out
+        assert (
+            not (tmp_path / ".jobgate" / "postgres").exists() and not (tmp_path / ".jobgate" / "demo_api_key").exists()
+        )
+        assert httpx.get(f"http://127.0.0.1:{port}/ready", timeout=10).status_code == 200
+        os.kill(up.pid, signal.SIGINT)
+        up.popen.wait(90)
+        _, alive = psutil.wait_procs(children, timeout=15)
+        assert alive == [], f"still running after Ctrl-C: {[p.cmdline() for p in alive]}"
+    finally:
+        for proc in children:
+            if proc.is_running():
+                proc.kill()
+        up.stop()
