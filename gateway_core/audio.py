@@ -12,6 +12,7 @@ import httpx
 import mutagen
 
 from gateway_core.errors import PayloadTooLargeError, ValidationFailedError
+from gateway_core.models import CONTENT_TYPE_LENGTH
 
 
 def measure_seconds(data: bytes) -> float:
@@ -30,14 +31,30 @@ def _not_audio(message: str) -> ValidationFailedError:
     return ValidationFailedError(message, details={"fields": [{"field": "file", "message": message}]})
 
 
+# IPv6 prefixes whose last 32 bits are an IPv4 address a gateway translates to: NAT64 (well-known and
+# local-use) and the deprecated IPv4-compatible form.
+_EMBEDDING_IPV4 = [ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96")]
+
+
 def is_public_address(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Globally routable unicast, including the IPv4 address an IPv6 one embeds (mapped, 6to4, Teredo):
-    100.64.0.0/10, multicast, reserved, private, loopback and link-local ranges are not."""
+    """Globally routable unicast, including the IPv4 address an IPv6 one embeds (mapped, 6to4, Teredo,
+    NAT64, IPv4-compatible): 100.64.0.0/10, multicast, reserved, private, loopback and link-local are not."""
     if isinstance(addr, ipaddress.IPv6Address):
         embedded = addr.ipv4_mapped or addr.sixtofour or (addr.teredo[1] if addr.teredo else None)
+        if embedded is None and any(addr in net for net in _EMBEDDING_IPV4):
+            embedded = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
         if embedded is not None and not is_public_address(embedded):
             return False
     return addr.is_global and not addr.is_multicast
+
+
+def content_type(value: str | None) -> str | None:
+    """A content type as stored: the media type alone (no parameters), when it is printable and fits the
+    column; None otherwise (the bytes are measured, not trusted by their label)."""
+    media = (value or "").split(";", 1)[0].strip().lower()
+    if not media or len(media) > CONTENT_TYPE_LENGTH or not media.isprintable() or not media.isascii():
+        return None
+    return media
 
 
 def resolve_public(host: str) -> str:
@@ -71,17 +88,18 @@ def fetch_audio(url: str, *, max_bytes: int, timeout: float, allow_private: bool
         request_url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
         headers = {"Host": parts.netloc.rpartition("@")[2]}
         extensions = {"sni_hostname": host}
+    deadline = time.monotonic() + timeout  # httpx's timeout is per read; a trickle must end too
     try:
-        # Redirects are not followed: a 3xx is refused like any answer but 200.
+        # Redirects are not followed: a 3xx is refused like any answer but 200. No proxy from the
+        # environment: it would resolve the name again, and see the pinned address as the TLS server name.
         with (
-            httpx.Client(timeout=timeout, follow_redirects=False) as client,
+            httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client,
             client.stream("GET", request_url, headers=headers, extensions=extensions) as resp,
         ):
             if resp.status_code != 200:
                 raise _bad_url(f"audio_url answered HTTP {resp.status_code}")
             chunks: list[bytes] = []
             size = 0
-            deadline = time.monotonic() + timeout  # httpx's timeout is per read; a trickle must end too
             for chunk in resp.iter_bytes():
                 if time.monotonic() > deadline:
                     raise _bad_url(f"audio_url took longer than {timeout:g} s to download")
@@ -91,6 +109,6 @@ def fetch_audio(url: str, *, max_bytes: int, timeout: float, allow_private: bool
                         f"audio at audio_url is larger than {max_bytes} bytes", details={"limit": max_bytes}
                     )
                 chunks.append(chunk)
-            return b"".join(chunks), resp.headers.get("content-type", "application/octet-stream")
+            return b"".join(chunks), content_type(resp.headers.get("content-type")) or "application/octet-stream"
     except httpx.HTTPError as exc:
         raise _bad_url(f"audio_url could not be fetched: {exc.__class__.__name__}") from None

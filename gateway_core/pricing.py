@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from gateway_core.settings import PricingConfig, ServiceConfig
@@ -34,7 +33,6 @@ def charge(svc: ServiceConfig | None, reserved: int, audio_seconds: float | None
     if p.unit == "audio_second" and audio_seconds is not None:
         return min(reserved, price(p, audio_seconds))
     tokens = usage.get("completion_tokens")
-    if p.unit == "token" and isinstance(tokens, int | float) and not isinstance(tokens, bool):
-        if math.isfinite(tokens) and tokens >= 0:  # a replica's Infinity or NaN charges the reservation
-            return min(reserved, price(p, float(tokens)))
+    if p.unit == "token" and isinstance(tokens, int | float) and not isinstance(tokens, bool) and tokens >= 0:
+        return min(reserved, price(p, float(tokens)))
     return reserved

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,10 @@ def _reason(resp: httpx.Response) -> str:
         return resp.text[:500]
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def call_replica(
     http: httpx.Client, replica: ReplicaConfig, payload: dict[str, Any], *, timeout: float | None = None
 ) -> dict[str, Any]:
@@ -59,7 +64,9 @@ def call_replica(
     if resp.status_code >= 400:
         raise ReplicaError("REPLICA_REJECTED", _reason(resp), retriable=False, status=resp.status_code)
     try:
-        body = resp.json()
+        # Infinity and NaN are not JSON: a replica sending them sends a bad answer (the database's json type
+        # would refuse to store them with the result).
+        body = json.loads(resp.content, parse_constant=_no_constant)
     except ValueError:
         body = None
     if not isinstance(body, dict) or not isinstance(body.get("output"), dict):

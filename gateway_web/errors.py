@@ -97,7 +97,8 @@ def register_error_handlers(app: Flask) -> None:
         # An error answered before the body was read (a 429 on an upload, say) leaves the body in the socket,
         # where the server would take it for the next request of the kept-alive connection. Read it to its
         # end (the request stream stops at the body limit) so the connection stays usable.
-        if resp.status_code >= 400 and resp.status_code != 413 and request.content_length:
+        # Only for an authenticated tenant: a stranger's body (a 401) is not worth a thread's time.
+        if resp.status_code >= 400 and resp.status_code != 413 and request.content_length and g.get("principal"):
             try:
                 while request.stream.read(64 * 1024):
                     pass

@@ -71,5 +71,5 @@ def init_input_guard(app: Flask) -> None:
 
 
 def check_form_text(where: str, value: str) -> None:
-    """A multipart form value or filename: no control characters (the part headers carry no NUL either)."""
+    """A multipart form value or file name: no control characters."""
     _refuse_controls(where, value)

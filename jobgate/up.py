@@ -51,6 +51,10 @@ class Program:
     command: str
     priority: int  # started in ascending order, stopped in descending order
     stop_wait_seconds: int = 10
+    # A Celery worker's main process alone gets SIGTERM (its warm shutdown: no new job, the pool's calls in
+    # flight finish); SIGTERM to the whole group would make billiard's pool children exit mid-call.
+    signal_group: bool = True
+    group: str | None = None  # programs of one group stop together, not one after another
 
 
 def _demo_key(database_url: str, data_dir: Path) -> str:
@@ -125,6 +129,8 @@ def _programs(
                 f"{celery} worker -Q {queue} -n {queue}@%%h -c 2 --loglevel {level}",
                 priority=40,
                 stop_wait_seconds=int(longest_call) + 5,
+                signal_group=False,
+                group="workers",
             )
         )
     programs.append(
@@ -132,6 +138,8 @@ def _programs(
             "worker.maintenance",
             f"{celery} worker -Q {celeryconfig.MAINTENANCE_QUEUE} -n maintenance@%%h -c 1 --loglevel {level}",
             priority=40,
+            signal_group=False,
+            group="workers",
         )
     )
     schedule = shlex.quote(str(stack.data_dir / "celerybeat-schedule"))
@@ -185,12 +193,19 @@ def supervisord_conf(data_dir: Path, programs: list[Program], log_level: str) ->
             "startretries=100",  # a back-off that grows by a second per failed start
             "stopsignal=TERM",
             f"stopwaitsecs={p.stop_wait_seconds}",
-            "stopasgroup=true",
-            "killasgroup=true",
+            f"stopasgroup={'true' if p.signal_group else 'false'}",
+            "killasgroup=true",  # past stopwaitsecs, SIGKILL reaches the children too
             "redirect_stderr=true",
             "stdout_logfile=/dev/stdout",
             "stdout_logfile_maxbytes=0",
         ]
+    groups: dict[str, list[str]] = {}
+    for p in programs:
+        if p.group:
+            groups.setdefault(p.group, []).append(p.name)
+    for group, names in groups.items():
+        priority = min(p.priority for p in programs if p.group == group)
+        lines += ["", f"[group:{group}]", f"programs={','.join(names)}", f"priority={priority}"]
     return "\n".join(lines) + "\n"
 
 
@@ -247,8 +262,8 @@ def run_stack(
         if supervisor.poll() is None:
             supervisor.send_signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed
+        signal.signal(signum, stop)
     nodes = {*settings.queues, "maintenance"}
     banner = _banner(stack, port, flower_port, key)
     threading.Thread(target=_announce_when_ready, args=(settings, port, nodes, banner), daemon=True).start()

@@ -119,12 +119,15 @@ def test_up_runs_the_readme_walks_restarts_a_dead_child_and_stops_every_child(
     assert job["status"] == "SUCCEEDED", job
     assert job["result"]["output"]["text"] == "[simulated transcript of 2.00 s of audio]"
 
-    # An upload refused before its body is read (a wrong key) leaves the kept-alive connection usable.
-    stranger = httpx.Client(base_url=api.base_url, headers={"Authorization": "Bearer jg_wrong_key"}, timeout=10)
+    # An upload refused before its body is read (a bad Idempotency-Key) leaves the kept-alive connection usable.
     for _ in range(3):
-        refused = stranger.post("/v1/jobs/transcribe", files={"file": ("big.wav", wav_bytes(30.0), "audio/wav")})
-        assert refused.status_code == 401 and refused.json()["error"]["code"] == "UNAUTHENTICATED"
-        assert stranger.get("/health").status_code == 200
+        refused = api.post(
+            "/v1/jobs/transcribe",
+            headers={"Idempotency-Key": "not visible ascii"},
+            files={"file": ("big.wav", wav_bytes(30.0), "audio/wav")},
+        )
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "INVALID_IDEMPOTENCY_KEY"
+        assert api.get("/health").status_code == 200
 
     # The README's admin walk, verbatim, from the directory `jobgate up` runs in.
     for command in readme_block("<!-- admin walk -->"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import ipaddress
-import string
 from typing import Any
 from urllib.parse import quote
 
@@ -116,7 +115,7 @@ def test_any_path_segment_or_query_value_is_never_a_5xx(client: Any, tenant: Ten
 @FUZZ
 @given(
     filename=st.text(max_size=300),
-    content_type=st.text(alphabet=string.ascii_lowercase + "/+.-", min_size=1, max_size=300),
+    content_type=st.text(alphabet=st.characters(codec="latin-1", exclude_characters="\r\n"), min_size=1, max_size=300),
     prompt=st.text(max_size=50),
 )
 def test_any_upload_part_is_accepted_or_refused_never_a_5xx(
@@ -126,7 +125,7 @@ def test_any_upload_part_is_accepted_or_refused_never_a_5xx(
     upload = {"file": (io.BytesIO(wav_bytes(0.5)), filename, content_type), "prompt": prompt}
     resp = client.post("/v1/jobs/transcribe", headers=tenant.headers, data=upload)
     if resp.status_code == 202:
-        assert "\x00" not in filename + prompt and len(content_type) <= 128
+        assert "\x00" not in filename + prompt
     else:
         _assert_refused(resp)
         assert _jobs(db, tenant.tenant_id) == 0
@@ -162,6 +161,10 @@ def test_any_grant_amount_is_a_grant_or_a_4xx(client: Any, admin: TenantKey, amo
         ("::1", False),
         ("::ffff:127.0.0.1", False),  # IPv4-mapped loopback
         ("2002:7f00:1::", False),  # 6to4 embedding 127.0.0.1
+        ("64:ff9b::a00:1", False),  # NAT64 of 10.0.0.1
+        ("64:ff9b:1::7f00:1", False),  # local-use NAT64 of 127.0.0.1
+        ("::7f00:1", False),  # IPv4-compatible 127.0.0.1
+        ("64:ff9b::5db8:d822", True),  # NAT64 of a public address
         ("fe80::1", False),
     ],
 )
