@@ -51,6 +51,7 @@ def test_database_urls_as_users_write_them_use_the_shipped_driver(tmp_path: Path
     assert load_settings(path, environ={"DATABASE_URL": given}).database_url == used
 
 
+# URLs of engines or drivers jobgate does not run on (SQLite was the old embedded default): each must be refused.
 @pytest.mark.parametrize("url", ["sqlite:///jobgate.db", "mysql://u:secret@db/x", "postgresql+psycopg://u@db/x", "db"])
 def test_other_database_urls_are_one_line_naming_the_forms_accepted(tmp_path: Path, url: str) -> None:
     path = tmp_path / "g.yaml"
