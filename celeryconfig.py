@@ -14,14 +14,21 @@ if TYPE_CHECKING:
 
 MAINTENANCE_QUEUE = "jobgate.maintenance"
 
-# Ack after the task returns, and requeue when a pool child dies under it: a killed worker loses no job.
+# Ack after the task returns: a killed worker loses no message. Dispatch workers run one gevent process, so a
+# kill loses every call in flight at once: RabbitMQ redelivers at once, Redis after the visibility timeout, and
+# the sweeper re-sends each job as soon as its lease runs out. (reject_on_worker_lost covers the maintenance
+# worker's prefork child.)
 task_acks_late = True
 task_reject_on_worker_lost = True
-# With late acks only a multiplier of 1 keeps one worker from hoarding jobs that others could run.
+# With late acks only a multiplier of 1 keeps one worker from hoarding jobs that others could run: a gevent
+# worker then holds as many messages as it has greenlets (its replicas' slots and a quarter more), the rest wait
+# in the broker in priority order.
 worker_prefetch_multiplier = 1
 # Countdown messages sit unacked in worker memory and ignore prefetch: bound them.
 worker_eta_task_limit = 1000
-worker_cancel_long_running_tasks_on_connection_loss = True
+# A lost broker connection must not cancel calls in flight: their answers are recorded in PostgreSQL (the
+# job row, not the message, says what is done), and a message redelivered later finds the job ended.
+worker_cancel_long_running_tasks_on_connection_loss = False
 broker_connection_retry_on_startup = True
 # A web thread must not block forever on an exhausted producer pool.
 broker_pool_acquire_timeout = 5.0
@@ -64,7 +71,6 @@ def dispatch_router(settings: Settings) -> Any:
 def from_settings(settings: Settings) -> dict[str, Any]:
     """Broker, routes, limits and the beat schedule for one deployment's settings."""
     gw = settings.gateway
-    max_timeout = max(r.timeout for svc in settings.services.values() for r in svc.replicas)
     # RabbitMQ: publisher confirms, so a 202 means the broker has the message. (It redelivers an unacked
     # message as soon as the consumer's channel closes; its consumer_timeout, 30 min by default, must
     # exceed the longest task.)
@@ -89,12 +95,10 @@ def from_settings(settings: Settings) -> dict[str, Any]:
                 "jobgate.probe_replicas": {"queue": MAINTENANCE_QUEUE},
             },
         ),
-        # A task outliving its lease would race the sweeper's re-send: hard limit stays under the lease.
+        # No time limit on dispatch: a job may wait for a slot as long as its replicas are busy, and each
+        # replica call is bounded by that replica's live timeout (gateway_tasks.replicas), not by the limits
+        # this process booted with.
         "task_annotations": {
-            "jobgate.dispatch_job": {
-                "soft_time_limit": max_timeout + 5,
-                "time_limit": max_timeout + min(10.0, gw.lease_margin_seconds - 1),
-            },
             "jobgate.sweep_jobs": {"soft_time_limit": 30, "time_limit": 40},
             "jobgate.send_alert": {"soft_time_limit": 30, "time_limit": 40},
             "jobgate.probe_replicas": {

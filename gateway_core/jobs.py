@@ -182,8 +182,8 @@ def jobs_to_resend(
 ) -> list[Job]:
     """Jobs no message is driving: committed but never handed to the broker; sent before ``resent_before``
     but still QUEUED while their service's queue holds nothing (``idle_services``: the broker lost the
-    message, say a Redis restarted without persistence); in flight with their worker's lease run out (and
-    not re-sent since ``resent_before``); HELD and due for another try."""
+    message, say a Redis restarted without persistence); in flight with their worker's lease run out (once
+    per lease: again only if that message too is older than ``resent_before``); HELD and due for another try."""
     lost: Any = false()
     if idle_services:
         lost = (Job.state == S.QUEUED) & (Job.enqueued_at < resent_before) & Job.service.in_(list(idle_services))
@@ -195,7 +195,11 @@ def jobs_to_resend(
                 lost,
                 Job.state.in_(list(IN_FLIGHT))
                 & (Job.lease_expires_at < now)
-                & (Job.enqueued_at.is_(None) | (Job.enqueued_at < resent_before)),
+                & (
+                    Job.enqueued_at.is_(None)
+                    | (Job.enqueued_at < Job.lease_expires_at)
+                    | (Job.enqueued_at < resent_before)
+                ),
                 (Job.state == S.HELD)
                 & (Job.next_attempt_at <= now)
                 & (Job.enqueued_at.is_(None) | (Job.enqueued_at < Job.next_attempt_at)),

@@ -278,6 +278,21 @@ class Settings(_Strict):
     def queues(self) -> list[str]:
         return sorted({self.queue_for(name) for name in self.services})
 
+    def replica_slots(self, queue: str) -> int:
+        """How many replica calls the services read from ``queue`` can run at once (Σ max_concurrency)."""
+        return sum(
+            rep.max_concurrency
+            for name, svc in self.services.items()
+            if self.queue_for(name) == queue
+            for rep in svc.replicas
+        )
+
+    def dispatch_concurrency(self, queue: str) -> int:
+        """Jobs one dispatch worker on ``queue`` takes at once: its replicas' slots and a quarter more, so that
+        when a call ends a job already taken from the broker is waiting for the slot it frees."""
+        slots = self.replica_slots(queue)
+        return max(1, slots + -(-slots // 4))
+
 
 def _describe(err: Mapping[str, Any]) -> str:
     key = ".".join(str(p) for p in err["loc"])

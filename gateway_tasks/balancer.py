@@ -14,7 +14,7 @@ import redis
 
 from gateway_core.settings import ReplicaConfig, ServiceConfig
 from gateway_tasks import strategies
-from gateway_tasks.registry import Registry
+from gateway_tasks.registry import Registry, ReplicaState
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,11 @@ class Choice:
     replica: ReplicaConfig | None
     token: str | None = None  # the in-flight slot taken; None without Redis
     reasons: dict[str, str] = field(default_factory=dict)  # why replicas were passed over
+
+    @property
+    def busy(self) -> bool:
+        """No slot now, but some replica is in rotation: the job waits for a slot instead of being held."""
+        return self.replica is None and "full" in self.reasons.values()
 
 
 def _order(
@@ -42,6 +47,31 @@ def _order(
     return strategies.least_outstanding(candidates, in_flight)
 
 
+def _preference(
+    svc: ServiceConfig, states: dict[str, ReplicaState], avoid: set[str], zone: str | None
+) -> list[list[ReplicaConfig]]:
+    """Replicas in rotation in groups of preference: those that have not failed this job before those that
+    have, and within each, those of ``zone`` first."""
+    in_rotation = [rep for rep in svc.replicas if states[rep.name].in_rotation]
+    groups = [[rep for rep in in_rotation if rep.name not in avoid], [rep for rep in in_rotation if rep.name in avoid]]
+    if zone:
+        groups = [part for g in groups for part in ([r for r in g if r.zone == zone], [r for r in g if r.zone != zone])]
+    return [g for g in groups if g]
+
+
+def in_rotation(
+    registry: Registry, service: str, svc: ServiceConfig, *, avoid: set[str], cooldown: float, zone: str | None
+) -> list[ReplicaConfig]:
+    """The replicas that can take the job when they have a free slot, best first; [] when none is in rotation
+    (unhealthy, circuit open) or Redis cannot tell."""
+    try:
+        states = registry.snapshot(service, svc.replicas, time.time(), cooldown)
+    except redis.RedisError as exc:
+        log.warning("replica state unavailable (%s)", exc)
+        return []
+    return [rep for group in _preference(svc, states, avoid, zone) for rep in group]
+
+
 def choose(
     registry: Registry,
     service: str,
@@ -56,7 +86,7 @@ def choose(
 ) -> Choice:
     """Take a slot on the best replica, preferring those not in ``avoid`` (they failed this job), then
     those in ``zone``; ``key`` (the tenant) places the job on the consistent-hash ring. A Choice without
-    a replica when every one is out of rotation or full."""
+    a replica when every one is out of rotation or full (``busy`` when some are only full)."""
     now = time.time()
     try:
         states = registry.snapshot(service, svc.replicas, now, cooldown)
@@ -68,16 +98,8 @@ def choose(
     reasons = {
         name: "unhealthy" if not st.healthy else "circuit_open" for name, st in states.items() if not st.in_rotation
     }
-    in_rotation = [rep for rep in svc.replicas if states[rep.name].in_rotation]
     in_flight = {name: st.in_flight for name, st in states.items()}
-    fresh = [rep for rep in in_rotation if rep.name not in avoid]
-    tried_before = [rep for rep in in_rotation if rep.name in avoid]
-    groups = [fresh, tried_before]
-    if zone:
-        groups = [part for g in groups for part in ([r for r in g if r.zone == zone], [r for r in g if r.zone != zone])]
-    for group in groups:
-        if not group:
-            continue
+    for group in _preference(svc, states, avoid, zone):
         for rep in _order(registry, service, svc, group, in_flight, key):
             if in_flight[rep.name] < rep.max_concurrency and registry.acquire(service, rep, token, lease_seconds, now):
                 return Choice(rep, token)

@@ -17,7 +17,9 @@ import celeryconfig
 from gateway_core.db import Database
 from gateway_core.live import LiveSettings, request_reload
 from gateway_core.settings import Settings
+from gateway_tasks.pool import gevent_active
 from gateway_tasks.registry import Registry
+from gateway_tasks.waiting import GrantListener
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +54,19 @@ class WorkerContext:
         return Registry(self.redis)
 
     @cached_property
+    def grants(self) -> GrantListener:
+        # Its own client: a subscription waits without a read timeout, which the shared client has.
+        client = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2, socket_keepalive=True)
+        return GrantListener(client)
+
+    @cached_property
     def http(self) -> httpx.Client:
-        return httpx.Client(limits=httpx.Limits(max_connections=100, max_keepalive_connections=20))
+        # Replica calls are bounded by the replicas' slots, not here; keep-alive for as many as a worker runs.
+        return httpx.Client(limits=httpx.Limits(max_connections=None, max_keepalive_connections=1000))
 
     def reset_after_fork(self) -> None:
         """Drop connections inherited from the parent; children open their own."""
-        for name in ("db", "redis", "http", "registry"):
+        for name in ("db", "redis", "http", "registry", "grants"):
             obj = self.__dict__.pop(name, None)
             if isinstance(obj, Database):
                 obj.engine.dispose(close=False)
@@ -94,7 +103,12 @@ def _reload_on_sighup(sender: Any = None, **_kw: Any) -> None:
         finally:
             r.close()
 
-    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=reload, name="config-reload").start())
+    if gevent_active():  # a gevent worker's signal handlers run in its event loop, where nothing may block
+        import gevent
+
+        gevent.signal_handler(signal.SIGHUP, gevent.spawn, reload)
+    else:
+        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=reload, name="config-reload").start())
 
 
 @worker_process_init.connect

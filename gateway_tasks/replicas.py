@@ -7,10 +7,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import gevent
 import httpx
+from celery.exceptions import SoftTimeLimitExceeded
 
 from gateway_core.models import Job
 from gateway_core.settings import ReplicaConfig
+from gateway_tasks.pool import gevent_active
 
 
 @dataclass(frozen=True)
@@ -51,14 +54,28 @@ def call_replica(
     """POST the job to the replica, allowing ``timeout`` seconds (the replica's own by default);
     its JSON answer ({output, usage}) or a ReplicaError."""
     seconds = replica.timeout if timeout is None else timeout
+    late = ReplicaError("REPLICA_TIMEOUT", f"no answer within {seconds:g} s", retriable=True)
+    # httpx's timeout bounds each read, not the whole answer (a replica trickling bytes would outlast it);
+    # in a gevent worker a timer bounds the whole call. A soft time limit, where a pool enforces one, ends
+    # the call the same way: a timed-out attempt.
+    deadline = gevent.Timeout(seconds) if gevent_active() else None
     try:
+        if deadline is not None:
+            deadline.start()
         resp = http.post(
             f"{replica.base_url}/v1/process", json=payload, timeout=httpx.Timeout(seconds, connect=min(5.0, seconds))
         )
-    except httpx.TimeoutException:
-        raise ReplicaError("REPLICA_TIMEOUT", f"no answer within {seconds:g} s", retriable=True) from None
+    except (httpx.TimeoutException, SoftTimeLimitExceeded):
+        raise late from None
+    except gevent.Timeout as exc:
+        if exc is not deadline:
+            raise
+        raise late from None
     except httpx.TransportError as exc:
         raise ReplicaError("REPLICA_UNREACHABLE", f"{exc.__class__.__name__}: {exc}", retriable=True) from None
+    finally:
+        if deadline is not None:
+            deadline.close()
     if resp.status_code >= 500 or resp.status_code == 429:
         raise ReplicaError("REPLICA_ERROR", _reason(resp), retriable=True, status=resp.status_code)
     if resp.status_code >= 400:

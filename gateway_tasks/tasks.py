@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -13,6 +16,7 @@ import redis
 from celery import Task, shared_task
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from gateway_core import lifecycle
 from gateway_core.backoff import retry_delay
@@ -29,10 +33,11 @@ from gateway_core.models import Job, utcnow
 from gateway_core.settings import ReplicaConfig, ServiceConfig
 from gateway_core.states import IN_FLIGHT, JobState
 from gateway_tasks.alerts import SEND_TASK, deliver, raise_alert
-from gateway_tasks.balancer import Choice, choose
+from gateway_tasks.balancer import Choice, choose, in_rotation
 from gateway_tasks.celery_app import WorkerContext
 from gateway_tasks.publish import DISPATCH_TASK, empty_queues, publish_dispatch
 from gateway_tasks.replicas import ReplicaError, build_payload, call_replica
+from gateway_tasks.waiting import rank, wait_for_slot
 
 log = logging.getLogger(__name__)
 S = JobState
@@ -107,8 +112,17 @@ def _dispatch(self: Task, ctx: WorkerContext, job_id: str) -> str:
                 _feed_circuit(self, ctx, name, choice.replica.name, ok=False, latency=latency)
     finally:
         if choice.token:
-            ctx.registry.release(name, choice.replica.name, choice.token)
+            _release(ctx, name, choice.replica, choice.token)
     return _record(self, ctx, job_id, svc, attempt, outcome)
+
+
+def _release(ctx: WorkerContext, service: str, replica: ReplicaConfig, token: str) -> None:
+    """Free the slot (the first job waiting for one takes it); a slot Redis cannot free now frees itself when
+    its lease runs out, and must not cost the job its outcome."""
+    try:
+        ctx.registry.release(service, replica, token, time.time())
+    except redis.RedisError as exc:
+        log.warning("slot of %s/%s not released (%s); it frees itself at its lease's end", service, replica.name, exc)
 
 
 def _feed_circuit(
@@ -139,7 +153,60 @@ def _feed_circuit(
 
 
 def _claim(ctx: WorkerContext, job_id: str) -> str | tuple[str, ServiceConfig, Choice, int]:
-    """Move a claimable job to DISPATCHED on a replica slot; or hold, fail, or skip it (returns why)."""
+    """Move a claimable job to DISPATCHED on a replica slot, waiting for one while the service's replicas are
+    all busy; or hold, fail, or skip it (returns why)."""
+    while True:
+        step = _try_claim(ctx, job_id)
+        if not isinstance(step, _Wait):
+            return step
+        replica = wait_for_slot(
+            ctx.registry,
+            ctx.grants,
+            step.service,
+            token=step.token,
+            rank=step.rank,
+            lease_seconds=step.lease_seconds,
+            configured=step.svc.replicas,
+            in_rotation=functools.partial(
+                in_rotation,
+                ctx.registry,
+                step.service,
+                step.svc,
+                avoid=step.avoid,
+                cooldown=ctx.settings.circuit_for(step.service).cooldown_seconds,
+                zone=ctx.settings.gateway.zone,
+            ),
+            until=step.until,
+        )
+        if replica is None:
+            continue  # no replica in rotation any more, or past the deadline: decided on the next round
+        with ctx.db.transaction() as s:
+            job = s.get(Job, job_id)
+            claimed = None
+            if job is not None and (job.state, job.attempts) == step.observed:
+                claimed = _take(ctx, s, job, replica, step.attempt, utcnow())
+        if claimed is None:  # canceled or taken over while it waited
+            _release(ctx, step.service, replica, step.token)
+            return "superseded"
+        return step.service, step.svc, Choice(replica, step.token), step.attempt
+
+
+@dataclass(frozen=True)
+class _Wait:
+    """Every replica in rotation is busy: wait in the service's line, then claim if the job has not moved."""
+
+    service: str
+    svc: ServiceConfig
+    observed: tuple[JobState, int]
+    attempt: int
+    token: str
+    rank: float
+    lease_seconds: float
+    avoid: set[str]
+    until: float | None
+
+
+def _try_claim(ctx: WorkerContext, job_id: str) -> str | _Wait | tuple[str, ServiceConfig, Choice, int]:
     settings = ctx.settings
     now = utcnow()
     with ctx.db.transaction() as s:
@@ -161,17 +228,32 @@ def _claim(ctx: WorkerContext, job_id: str) -> str | tuple[str, ServiceConfig, C
             return "failed"
         attempt = job.attempts + 1
         lease = max(r.timeout for r in svc.replicas) + settings.gateway.lease_margin_seconds
+        token = f"{job_id}:{attempt}:{uuid.uuid4().hex[:8]}"
+        avoid = failed_replicas(job)
         choice = choose(
             ctx.registry,
             job.service,
             svc,
-            token=f"{job_id}:{attempt}",
+            token=token,
             lease_seconds=lease,
-            avoid=failed_replicas(job),
+            avoid=avoid,
             cooldown=settings.circuit_for(job.service).cooldown_seconds,
             key=str(job.tenant_id),
             zone=settings.gateway.zone,
         )
+        if choice.busy:
+            deadline = None if svc.deadline_seconds is None else job.created_at.timestamp() + svc.deadline_seconds
+            return _Wait(
+                job.service,
+                svc,
+                (job.state, job.attempts),
+                attempt,
+                token,
+                rank(job.priority, job.created_at),
+                lease,
+                avoid,
+                deadline,
+            )
         if choice.replica is None:
             gw = settings.gateway
             held_for = (now - (job.held_since or now)).total_seconds()
@@ -180,26 +262,32 @@ def _claim(ctx: WorkerContext, job_id: str) -> str | tuple[str, ServiceConfig, C
                 s, job, now=now, retry_in=retry_in, max_hold=svc.max_hold_seconds, replicas=choice.reasons
             )
             return "held" if done is not None and done.state == S.HELD else "failed"
-        claimed = transition(
-            s,
-            job,
-            S.DISPATCHED,
-            replica=choice.replica.name,
-            attempt=attempt,
-            detail={"reclaimed": True} if job.state in IN_FLIGHT else None,
-            now=now,
-            values={
-                "lease_expires_at": lease_until(now, choice.replica.timeout + settings.gateway.lease_margin_seconds),
-                "dispatched_at": job.dispatched_at or now,
-                "held_since": None,
-                "next_attempt_at": None,
-            },
-        )
+        claimed = _take(ctx, s, job, choice.replica, attempt, now)
         if claimed is None:
             if choice.token:
-                ctx.registry.release(job.service, choice.replica.name, choice.token)
+                _release(ctx, job.service, choice.replica, choice.token)
             return "lost-race"
         return job.service, svc, choice, attempt
+
+
+def _take(ctx: WorkerContext, s: Session, job: Job, replica: ReplicaConfig, attempt: int, now: datetime) -> Job | None:
+    """DISPATCHED on ``replica`` for ``attempt``, under a lease of the replica's timeout and a margin."""
+    margin = ctx.settings.gateway.lease_margin_seconds
+    return transition(
+        s,
+        job,
+        S.DISPATCHED,
+        replica=replica.name,
+        attempt=attempt,
+        detail={"reclaimed": True} if job.state in IN_FLIGHT else None,
+        now=now,
+        values={
+            "lease_expires_at": lease_until(now, replica.timeout + margin),
+            "dispatched_at": job.dispatched_at or now,
+            "held_since": None,
+            "next_attempt_at": None,
+        },
+    )
 
 
 def _record(

@@ -22,6 +22,7 @@ from jobgate.stack import DEFAULT_REDIS_PORT, Stack, open_stack, unreachable_dat
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
+
 PATH = click.Path(path_type=Path)
 
 
@@ -292,6 +293,29 @@ def replica(
     from jobgate.replica import serve_replica
 
     serve_replica(service, name or f"{service}-{port}", host, port, latency_ms, fail_rate, log_level)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@stack_options
+@click.argument("queue")
+@click.option("--quiet", is_flag=True, help="no start-up banner, no warning about running as root")
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(queue: str, quiet: bool, celery_args: tuple[str, ...]) -> None:
+    """Run a Celery worker on QUEUE (svc.<service> or jobgate.maintenance) with the pool and size the
+    configuration calls for; further options go to `celery worker` (e.g. --loglevel INFO)."""
+    import os
+
+    from gateway_tasks.pool import CELERY_ROOT_WARNING, worker_options
+
+    stack = _stack()
+    try:
+        options = worker_options(stack.settings, queue)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    os.environ.update(stack.environment())
+    python = [sys.executable, "-W", CELERY_ROOT_WARNING] if quiet else [sys.executable]
+    celery = ["-m", "celery", *(["--quiet"] if quiet else []), "-A", "gateway_tasks.worker", "worker"]
+    os.execv(sys.executable, [*python, *celery, *options, *celery_args])
 
 
 @main.command()

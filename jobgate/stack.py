@@ -33,6 +33,15 @@ class Stack:
     embedded_database: bool
     embedded_redis: bool
 
+    def environment(self) -> dict[str, str]:
+        """What a child process (web, worker, beat) needs in its environment to find this stack."""
+        return {
+            "JOBGATE_CONFIG": str(self.config),
+            "DATABASE_URL": self.settings.database_url,
+            "REDIS_URL": self.settings.redis_url,
+            "CELERY_BROKER_URL": self.settings.celery_broker_url,
+        }
+
 
 def resolve_paths(
     config: Path | None, data_dir: Path | None, environ: Mapping[str, str] | None = None

@@ -36,13 +36,13 @@ from gateway_core.models import Tenant
 from gateway_core.settings import Settings
 from gateway_core.tenants import create_api_key, create_tenant
 from gateway_tasks.celery_app import create_celery
+from gateway_tasks.pool import CELERY_ROOT_WARNING
 from jobgate.embedded import redis_command
 from jobgate.stack import Stack, save_state, unreachable_database
 
 DEMO_TENANT = "demo"
 DEMO_CREDITS = 100_000
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
-CELERY_ROOT_WARNING = "ignore:You're running the worker with superuser"  # a -W filter: message prefix
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,8 @@ def _programs(
     if stack.embedded_redis:
         redis_level = {"debug": "verbose", "info": "notice"}.get(log_level, "warning")
         programs.append(Program("redis", redis_command(stack.data_dir, redis_port, redis_level), priority=10))
+    jobgate = shlex.quote(str(Path(sys.executable).with_name("jobgate")))
     if with_replicas:
-        jobgate = shlex.quote(str(Path(sys.executable).with_name("jobgate")))
         for svc in settings.services.values():
             for rep in svc.replicas:
                 url = urlsplit(rep.base_url)
@@ -122,26 +122,19 @@ def _programs(
             priority=30,
         )
     )
-    for queue in settings.queues:
+    for queue in [*settings.queues, celeryconfig.MAINTENANCE_QUEUE]:
+        # Pool and size by the configuration's rule (gateway_tasks.pool); a worker's warm shutdown waits for
+        # its calls in flight, up to the longest replica timeout.
         programs.append(
             Program(
-                f"worker.{queue}",
-                f"{celery} worker -Q {queue} -n {queue}@%%h -c 2 --loglevel {level}",
+                "worker.maintenance" if queue == celeryconfig.MAINTENANCE_QUEUE else f"worker.{queue}",
+                f"{jobgate} worker {queue}{' --quiet' if quiet else ''} --loglevel {level}",
                 priority=40,
                 stop_wait_seconds=int(longest_call) + 5,
                 signal_group=False,
                 group="workers",
             )
         )
-    programs.append(
-        Program(
-            "worker.maintenance",
-            f"{celery} worker -Q {celeryconfig.MAINTENANCE_QUEUE} -n maintenance@%%h -c 1 --loglevel {level}",
-            priority=40,
-            signal_group=False,
-            group="workers",
-        )
-    )
     schedule = shlex.quote(str(stack.data_dir / "celerybeat-schedule"))
     programs.append(Program("beat", f"{celery} beat --loglevel {level} -s {schedule}", priority=50))
     programs.append(
@@ -241,12 +234,7 @@ def run_stack(
     key = _demo_key(settings.database_url, data_dir) if stack.embedded_database else None
 
     env = dict(os.environ)
-    env.update(
-        JOBGATE_CONFIG=str(stack.config),
-        DATABASE_URL=settings.database_url,
-        REDIS_URL=settings.redis_url,
-        CELERY_BROKER_URL=settings.celery_broker_url,
-    )
+    env.update(stack.environment())
     programs = _programs(stack, port, flower_port, redis_port, with_replicas=with_replicas, log_level=log_level)
     conf = data_dir / "supervisord.conf"
     conf.touch(mode=0o600)

@@ -12,7 +12,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +280,13 @@ def config_file(
         "queue": ISOLATED_QUEUE,
         "replicas": [_replica("slower", replicas["slower"])],
     }
+    # Many calls in flight in one worker that a test kills (tests/tasks/test_worker_loss.py).
+    services["codegen-crowd"] = {
+        "kind": "codegen",
+        **fast,
+        "queue": ISOLATED_QUEUE,
+        "replicas": [{**_replica("slower", replicas["slower"]), "max_concurrency": 16}],
+    }
     # Replicas that are not running: tests start "revive" on its port; "never" stays away.
     services["codegen-revive"] = {
         "kind": "codegen",
@@ -393,15 +400,27 @@ def worker_env(config_file: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def worker(settings: Settings, worker_env: dict[str, str], tmp_session: Path) -> Iterator[Proc]:
-    """A real Celery worker (prefork) consuming every queue, with beat embedded for the sweeper."""
+    """Real Celery workers as deployed: a dispatch worker (gevent) on every service queue, and a maintenance
+    worker (prefork, beat embedded: the sweeper and the probes)."""
     if settings.celery_broker_url.startswith("amqp"):
         _reset_rabbitmq([*settings.queues, "jobgate.maintenance"])
-    queues = [q for q in settings.queues if q not in (ISOLATED_QUEUE, PRIORITY_QUEUE)] + ["jobgate.maintenance"]
-    proc = start_worker(worker_env, queues, tmp_session / "worker.log", beat_schedule=tmp_session / "beat-schedule")
+    queues = [q for q in settings.queues if q not in (ISOLATED_QUEUE, PRIORITY_QUEUE)]
+    maintenance = start_worker(
+        worker_env,
+        ["jobgate.maintenance"],
+        tmp_session / "maintenance.log",
+        beat_schedule=tmp_session / "beat-schedule",
+        pool="prefork",
+        concurrency=1,
+    )
     try:
-        yield proc
+        proc = start_worker(worker_env, queues, tmp_session / "worker.log")
+        try:
+            yield proc
+        finally:
+            proc.stop()
     finally:
-        proc.stop()
+        maintenance.stop()
 
 
 @pytest.fixture(scope="session")
@@ -461,6 +480,15 @@ def wait_state(db: Database, job_id: str, states: Any, timeout: float = 20) -> J
         if time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} still {job.state if job else 'missing'} after {timeout} s")
         time.sleep(0.1)
+
+
+def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``check`` until it returns something true (returned); fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.1)
+    return result
 
 
 def wait_terminal(db: Database, job_id: str, timeout: float = 20) -> Job:

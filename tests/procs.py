@@ -12,6 +12,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from gateway_tasks.pool import GEVENT_PREFETCH
+
 BIN = Path(sys.executable).parent
 
 
@@ -95,10 +97,16 @@ def start_replica(
 
 
 def start_worker(
-    env: dict[str, str], queues: list[str], log: Path, *, beat_schedule: Path | None = None, concurrency: int = 4
+    env: dict[str, str],
+    queues: list[str],
+    log: Path,
+    *,
+    beat_schedule: Path | None = None,
+    concurrency: int = 64,
+    pool: str = "gevent",
 ) -> Proc:
-    """A real Celery worker (prefork) on ``queues``, with beat embedded when a schedule file is given;
-    returns once it is ready."""
+    """A real Celery worker on ``queues`` with the dispatch workers' pool (gevent), with beat embedded when a
+    schedule file is given; returns once it is ready."""
     args = [
         str(BIN / "celery"),
         "-A",
@@ -106,8 +114,11 @@ def start_worker(
         "worker",
         "-Q",
         ",".join(queues),
+        "-P",
+        pool,
         "-c",
         str(concurrency),
+        *(GEVENT_PREFETCH if pool == "gevent" else []),
         "--loglevel",
         "INFO",
         "--without-mingle",

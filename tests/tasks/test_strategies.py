@@ -129,7 +129,7 @@ def test_zone_preference_falls_back_to_other_zones(settings: Settings) -> None:
         )
         if choice.replica is None:
             return None
-        registry.release(service, choice.replica.name, choice.token or "")  # the job is done
+        registry.release(service, choice.replica, choice.token or "", time.time())  # the job is done
         return choice.replica.name
 
     assert {pick() for _ in range(10)} == {"near"}

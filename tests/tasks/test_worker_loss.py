@@ -1,4 +1,5 @@
-"""A worker SIGKILLed in the middle of a job: the job still ends once, the tenant's slot comes back."""
+"""A dispatch worker SIGKILLed with many replica calls in flight: every job still ends once, charged once, and
+the tenant's concurrency slots come back."""
 
 from __future__ import annotations
 
@@ -6,40 +7,55 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from gateway_core.models import CreditEntry
+from sqlalchemy import func, select
+
+from gateway_core.models import CreditEntry, Job
 from gateway_core.states import JobState
-from tests.conftest import ISOLATED_QUEUE, make_tenant, wait_state, wait_terminal
+from tests.conftest import ISOLATED_QUEUE, assert_ledger_invariants, make_tenant, until, wait_terminal
 from tests.procs import start_worker
 
 S = JobState
+IN_FLIGHT = 12
 
 
-def test_killed_worker_neither_loses_the_job_nor_locks_the_tenant_out(
+def test_a_worker_killed_with_many_calls_in_flight_ends_every_job_once(
     client: Any, worker: Any, worker_env: dict[str, str], db: Any, tmp_path: Path
 ) -> None:
-    tenant = make_tenant(db, concurrency_limit=1)
-    doomed = start_worker(worker_env, [ISOLATED_QUEUE], tmp_path / "doomed.log", concurrency=1)
+    tenant = make_tenant(db, concurrency_limit=IN_FLIGHT)
+    doomed = start_worker(worker_env, [ISOLATED_QUEUE], tmp_path / "doomed.log", concurrency=2 * IN_FLIGHT)
     rescuer = None
     try:
-        job_id = client.post("/v1/jobs/codegen-isolated", headers=tenant.headers, json={"prompt": "x"}).json["id"]
-        wait_state(db, job_id, S.PROCESSING, 20)  # the replica takes 4 s: the worker is mid-call
-        doomed.signal(signal.SIGKILL)  # the whole worker, parent and pool child
+        ids = []
+        for i in range(IN_FLIGHT):
+            resp = client.post("/v1/jobs/codegen-crowd", headers=tenant.headers, json={"prompt": f"p{i}"})
+            assert resp.status_code == 202, resp.json
+            ids.append(resp.json["id"])
+
+        def processing() -> int:
+            with db.transaction() as s:
+                return int(s.scalar(select(func.count()).where(Job.id.in_(ids), Job.state == S.PROCESSING)) or 0)
+
+        until(lambda: processing() == IN_FLIGHT, 30, "every job in flight in one worker process")
+        doomed.signal(signal.SIGKILL)  # the whole worker: one process holding every call
         doomed.popen.wait(10)
 
-        locked = client.post("/v1/jobs/codegen-isolated", headers=tenant.headers, json={"prompt": "y"})
+        locked = client.post("/v1/jobs/codegen-crowd", headers=tenant.headers, json={"prompt": "one more"})
         assert locked.status_code == 429 and locked.json["error"]["code"] == "CONCURRENCY_LIMIT"
 
-        rescuer = start_worker(worker_env, [ISOLATED_QUEUE], tmp_path / "rescuer.log", concurrency=1)
-        job = wait_terminal(db, job_id, timeout=60)  # lease runs out, the sweeper re-sends, the rescuer takes it
-        assert job.state == S.SUCCEEDED and job.attempts == 2
-        states = [e.to_state for e in job.events]
-        assert states.count(S.PROCESSING) == 2 and states.count(S.SUCCEEDED) == 1
-        assert any((e.detail or {}).get("reclaimed") for e in job.events)
+        rescuer = start_worker(worker_env, [ISOLATED_QUEUE], tmp_path / "rescuer.log", concurrency=2 * IN_FLIGHT)
+        jobs = [wait_terminal(db, job_id, timeout=90) for job_id in ids]
+        for job in jobs:
+            assert job.state == S.SUCCEEDED and job.attempts == 2, (job.id, job.state, job.error_code)
+            states = [e.to_state for e in job.events]
+            assert states.count(S.PROCESSING) == 2 and states.count(S.SUCCEEDED) == 1
+            assert any((e.detail or {}).get("reclaimed") for e in job.events)
         with db.transaction() as s:
-            kinds = [e.kind for e in s.query(CreditEntry).filter_by(job_id=job_id).order_by(CreditEntry.id)]
-        assert kinds == ["reserve", "capture"]  # charged once
+            for job_id in ids:
+                kinds = [e.kind for e in s.query(CreditEntry).filter_by(job_id=job_id).order_by(CreditEntry.id)]
+                assert kinds == ["reserve", "capture"], (job_id, kinds)  # charged once
+        assert_ledger_invariants(db, tenant.tenant_id)
 
-        again = client.post("/v1/jobs/codegen-isolated", headers=tenant.headers, json={"prompt": "z"})
+        again = client.post("/v1/jobs/codegen-crowd", headers=tenant.headers, json={"prompt": "z"})
         assert again.status_code == 202, again.json
         assert wait_terminal(db, again.json["id"], timeout=30).state == S.SUCCEEDED
     finally:

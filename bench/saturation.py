@@ -1,0 +1,200 @@
+"""Saturation: does the gateway keep every replica slot busy under a backlog?
+
+    .venv/bin/python -m bench.saturation [--cases 0.2:16:400,2:16:160,10:64:256] [--broker redis|rabbitmq]
+
+For each case (L seconds per call, C replica slots in all, N jobs): two reference replicas of C/2 slots each
+answering after L, one dispatch worker started as deployed (`jobgate worker svc.codegen`: gevent, sized by the
+configuration's rule). N jobs are admitted (core admission, credits reserved) and published before the worker
+starts. Makespan = last job's end - first job's dispatch;
+ideal = ceil(N / C) * L. Also reported: the replicas' own peak concurrency (never above C) and the worker's
+start-up (process start to first dispatch, not counted). Uses this machine's PostgreSQL (a scratch database)
+and Redis (db 13/14) or RabbitMQ. Prints a table, writes bench/results/saturation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg2
+import redis
+import yaml
+from sqlalchemy import func, select
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gateway_core.admission import JobInput, admit  # noqa: E402
+from gateway_core.credits import grant  # noqa: E402
+from gateway_core.db import Database  # noqa: E402
+from gateway_core.migrate import upgrade  # noqa: E402
+from gateway_core.models import Job  # noqa: E402
+from gateway_core.settings import load_settings  # noqa: E402
+from gateway_core.states import TERMINAL  # noqa: E402
+from gateway_core.tenants import create_tenant  # noqa: E402
+from gateway_tasks.celery_app import create_celery  # noqa: E402
+from gateway_tasks.publish import publish_dispatch  # noqa: E402
+from tests.procs import BIN, Proc, start_replica  # noqa: E402
+
+PG = os.environ.get("JOBGATE_BENCH_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
+REDIS = os.environ.get("JOBGATE_BENCH_REDIS", "redis://127.0.0.1:6379")
+RABBIT = os.environ.get("JOBGATE_BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
+QUEUE = "svc.codegen"
+
+
+def _admin() -> Any:
+    conn = psycopg2.connect(PG.replace("postgresql+psycopg2", "postgresql") + "/postgres")
+    conn.autocommit = True
+    return conn
+
+
+def run_case(latency: float, slots: int, jobs: int, *, broker: str, tmp: Path) -> dict[str, Any]:
+    dbname = f"jobgate_sat_{uuid.uuid4().hex[:8]}"
+    admin = _admin()
+    admin.cursor().execute(f'CREATE DATABASE "{dbname}"')
+    procs: list[Proc] = []
+    db_url = f"{PG}/{dbname}"
+    db = Database(db_url)
+    try:
+        upgrade(db_url)
+        reps = []
+        for i in range(2):
+            proc, url = start_replica(tmp, "codegen", f"sat-{i}", latency_ms=int(latency * 1000))
+            procs.append(proc)
+            reps.append({"name": f"sat-{i}", "url": url, "max_concurrency": slots // 2, "timeout": latency + 60})
+        config = {
+            "database_url": db_url,
+            "redis_url": f"{REDIS}/13",
+            "broker_url": f"{REDIS}/14" if broker == "redis" else RABBIT,
+            "gateway": {"visibility_timeout_seconds": 3600},
+            "tiers": {"enterprise": {"rate_limit": "1000000/minute", "concurrency": 100_000}},
+            "services": {"codegen": {"kind": "codegen", "replicas": reps}},
+        }
+        path = tmp / f"gateway-{dbname}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        settings = load_settings(path, environ={})
+        app = create_celery(settings)
+        # A clean queue and waiting line, whatever an earlier run left.
+        redis.Redis.from_url(f"{REDIS}/13").flushdb()
+        if broker == "redis":
+            redis.Redis.from_url(f"{REDIS}/14").flushdb()
+        else:
+            with app.connection_for_write() as conn:
+                channel = conn.channel()
+                try:
+                    channel.queue_purge(QUEUE)
+                except conn.channel_errors:
+                    pass  # no such queue yet
+                finally:
+                    channel.close()
+
+        with db.transaction() as s:
+            tenant = create_tenant(s, "bench", "enterprise")
+        with db.transaction() as s:
+            grant(s, tenant.id, 10**12)
+        for i in range(jobs):  # the backlog is in the broker before any worker runs
+            with db.transaction() as s:
+                job = admit(s, settings, tenant_id=tenant.id, job_input=JobInput("codegen", {"prompt": f"job {i}"})).job
+                job_id, priority = job.id, job.priority
+            assert publish_dispatch(app, job_id, "codegen", priority=priority)
+
+        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL")}
+        env["JOBGATE_CONFIG"] = str(path)
+        worker = Proc(
+            [str(BIN / "jobgate"), "worker", QUEUE, "--loglevel", "WARNING", "--without-mingle", "--without-gossip"],
+            tmp / f"worker-{dbname}.log",
+            env=env,
+        )
+        procs.append(worker)
+        start = time.time()
+        deadline = start + 5 * math.ceil(jobs / slots) * latency + 60
+        while True:
+            with db.transaction() as s:
+                done = s.scalar(select(func.count()).where(Job.state.in_(list(TERMINAL))))
+            if done == jobs:
+                break
+            if time.time() > deadline:
+                raise TimeoutError(f"{done}/{jobs} jobs ended; worker log: {worker.output()[-2000:]}")
+            time.sleep(0.05)
+        with db.transaction() as s:
+            last_end = s.scalar(select(func.max(Job.finished_at)))
+            first_dispatch = s.scalar(select(func.min(Job.dispatched_at)))
+            ok = s.scalar(select(func.count()).where(Job.state == "SUCCEEDED"))
+        assert last_end is not None and first_dispatch is not None
+        # From the first job dispatched to the last one ended: the worker's start-up is not the gateway's pace.
+        makespan = last_end.timestamp() - first_dispatch.timestamp()
+        ideal = math.ceil(jobs / slots) * latency
+        peaks = [httpx.get(f"{r['url']}/stats").json()["max_in_flight"] for r in reps]
+        return {
+            "latency_s": latency,
+            "slots": slots,
+            "jobs": jobs,
+            "worker_concurrency": settings.dispatch_concurrency(QUEUE),
+            "succeeded": ok,
+            "makespan_s": round(makespan, 3),
+            "ideal_s": ideal,
+            "ratio": round(makespan / ideal, 3),
+            "worker_start_s": round(first_dispatch.timestamp() - start, 3),
+            "replica_peak_in_flight": peaks,
+        }
+    finally:
+        for p in procs:
+            p.stop()
+        db.dispose()
+        admin.cursor().execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        admin.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="0.2:16:400,2:16:160,10:64:256", help="L:C:N,... (seconds, slots, jobs)")
+    ap.add_argument("--broker", choices=["redis", "rabbitmq"], default="redis")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "saturation.json")
+    args = ap.parse_args()
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"jobgate-sat-{uuid.uuid4().hex[:6]}"
+    tmp.mkdir(parents=True)
+    results = []
+    for case in args.cases.split(","):
+        latency, slots, jobs = case.split(":")
+        results.append(run_case(float(latency), int(slots), int(jobs), broker=args.broker, tmp=tmp))
+        r = results[-1]
+        print(f"  L={r['latency_s']:g}s C={r['slots']} N={r['jobs']}: {r['makespan_s']:.2f} s, ratio {r['ratio']:.3f}")
+    print(
+        f"\nsaturation ({args.broker} broker, {os.cpu_count()} cores): makespan / ideal (ceil(N/C) x L), target <= 1.15"
+    )
+    print(
+        f"{'L s':>6} {'C':>4} {'N':>5} {'pool':>5} {'ideal s':>8} {'makespan s':>11} {'ratio':>6} {'start s':>8} "
+        f"{'peak':>9}"
+    )
+    for r in results:
+        print(
+            f"{r['latency_s']:>6g} {r['slots']:>4} {r['jobs']:>5} {r['worker_concurrency']:>5} {r['ideal_s']:>8.1f} "
+            f"{r['makespan_s']:>11.2f} {r['ratio']:>6.3f} {r['worker_start_s']:>8.3f} "
+            f"{'+'.join(map(str, r['replica_peak_in_flight'])):>9}"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "saturation",
+                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "broker": args.broker,
+                "cpus": os.cpu_count(),
+                "results": results,
+            },
+            indent=2,
+        )
+    )
+    return 0 if all(r["succeeded"] == r["jobs"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

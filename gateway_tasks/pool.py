@@ -1,0 +1,53 @@
+"""The worker pool. Dispatch workers run Celery's gevent pool: one process, a greenlet per job, so the jobs in
+flight follow the replicas' capacity instead of the number of processes (a job spends its life waiting on a
+replica). Celery monkey-patches the standard library before it imports the app (``-P gevent``); psycopg2 is a C
+library and needs its own wait callback, or every query would stop the whole process.
+
+Sizing rule: a worker on a service queue runs ``Settings.dispatch_concurrency(queue)`` greenlets, the replicas'
+Σ max_concurrency and a quarter more, and takes messages one ahead of them (see GEVENT_PREFETCH). The maintenance
+queue (sweeper, probes, alerts) runs one prefork process.
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+import celeryconfig
+from gateway_core.settings import Settings
+
+# A -W filter (a message prefix): Celery warns of a worker running as root, as the embedded stack may.
+CELERY_ROOT_WARNING = "ignore:You're running the worker with superuser"
+
+
+def gevent_active() -> bool:
+    """True in a process whose sockets gevent has patched (a ``-P gevent`` worker)."""
+    return bool(monkey.is_module_patched("socket"))
+
+
+def cooperate_with_gevent() -> None:
+    """Make psycopg2 yield to other greenlets while it waits on the server; nothing outside a gevent process."""
+    if gevent_active():
+        from psycogreen.gevent import patch_psycopg
+
+        patch_psycopg()
+
+
+# A gevent worker consumes in Celery's blocking loop, which polls the broker with a 2 s timeout: with Redis,
+# once its unacked messages reach the prefetch limit it stops asking for more, and an ack does not wake it,
+# so a freed greenlet could idle up to 2 s. With a multiplier of 2 it keeps asking: the next message is taken
+# while every greenlet is busy and handed over the moment one frees (the pool blocks it until then), so a
+# worker holds at most one message more than it has greenlets.
+GEVENT_PREFETCH = ["--prefetch-multiplier", "2"]
+
+
+def worker_options(settings: Settings, queue: str) -> list[str]:
+    """``celery worker`` options for one queue: its pool, its size and a node name after the queue."""
+    if queue == celeryconfig.MAINTENANCE_QUEUE:
+        pool = ["-P", "prefork", "-c", "1"]
+        node = "maintenance"
+    elif queue in settings.queues:
+        pool = ["-P", "gevent", "-c", str(settings.dispatch_concurrency(queue)), *GEVENT_PREFETCH]
+        node = queue
+    else:
+        raise ValueError(f"no service reads queue {queue!r}; queues: {', '.join(settings.queues)}")
+    return [*pool, "-Q", queue, "-n", f"{node}@%h"]
