@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 import uuid
@@ -128,10 +129,14 @@ def run_case(latency: float, slots: int, jobs: int, *, broker: str, tmp: Path) -
             last_end = s.scalar(select(func.max(Job.finished_at)))
             first_dispatch = s.scalar(select(func.min(Job.dispatched_at)))
             ok = s.scalar(select(func.count()).where(Job.state == "SUCCEEDED"))
+            times = s.execute(select(Job.dispatched_at, Job.started_at, Job.finished_at)).all()
         assert last_end is not None and first_dispatch is not None
         # From the first job dispatched to the last one ended: the worker's start-up is not the gateway's pace.
         makespan = last_end.timestamp() - first_dispatch.timestamp()
         ideal = math.ceil(jobs / slots) * latency
+        # Where a job's time went: DISPATCHED -> PROCESSING (claim to call), PROCESSING -> end (call and record).
+        claim = statistics.median((t.started_at - t.dispatched_at).total_seconds() for t in times)
+        call = statistics.median((t.finished_at - t.started_at).total_seconds() for t in times)
         peaks = [httpx.get(f"{r['url']}/stats").json()["max_in_flight"] for r in reps]
         return {
             "latency_s": latency,
@@ -142,6 +147,8 @@ def run_case(latency: float, slots: int, jobs: int, *, broker: str, tmp: Path) -
             "makespan_s": round(makespan, 3),
             "ideal_s": ideal,
             "ratio": round(makespan / ideal, 3),
+            "median_dispatched_to_processing_s": round(claim, 4),
+            "median_processing_to_end_s": round(call, 4),
             "worker_start_s": round(first_dispatch.timestamp() - start, 3),
             "replica_peak_in_flight": peaks,
         }
@@ -172,13 +179,14 @@ def main() -> int:
     )
     print(
         f"{'L s':>6} {'C':>4} {'N':>5} {'pool':>5} {'ideal s':>8} {'makespan s':>11} {'ratio':>6} {'start s':>8} "
-        f"{'peak':>9}"
+        f"{'peak':>9} {'claim ms':>9} {'call ms':>8}"
     )
     for r in results:
         print(
             f"{r['latency_s']:>6g} {r['slots']:>4} {r['jobs']:>5} {r['worker_concurrency']:>5} {r['ideal_s']:>8.1f} "
             f"{r['makespan_s']:>11.2f} {r['ratio']:>6.3f} {r['worker_start_s']:>8.3f} "
-            f"{'+'.join(map(str, r['replica_peak_in_flight'])):>9}"
+            f"{'+'.join(map(str, r['replica_peak_in_flight'])):>9} "
+            f"{r['median_dispatched_to_processing_s'] * 1000:>9.1f} {r['median_processing_to_end_s'] * 1000:>8.1f}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(

@@ -119,13 +119,15 @@ def transition(
         changes["replica"] = replica
     if to in TERMINAL:
         changes.update(finished_at=now, lease_expires_at=None)
-    res = session.execute(
+    # RETURNING refreshes the job in the session from the row as updated: no second read.
+    moved = session.scalars(
         update(Job)
         .where(Job.id == job.id, Job.state == observed_state, Job.attempts == observed_attempts)
         .values(**changes)
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
+        .returning(Job)
+        .execution_options(synchronize_session=False, populate_existing=True)
+    ).one_or_none()
+    if moved is None:
         return None
     session.add(
         JobEvent(
@@ -138,8 +140,8 @@ def transition(
             detail=detail,
         )
     )
-    session.flush()
-    return session.get(Job, job.id, populate_existing=True)
+    # Written with the session's next statement or at commit, in one batch with what else is pending.
+    return moved
 
 
 def claimable(job: Job, now: datetime) -> bool:
@@ -215,4 +217,6 @@ def jobs_to_resend(
 
 def failed_replicas(job: Job) -> set[str]:
     """Replicas whose attempt at this job failed, so failover can prefer the others."""
+    if not job.attempts:  # never tried: nothing failed, and its events need not be read
+        return set()
     return {ev.replica for ev in job.events if ev.replica and ev.detail and ev.detail.get("outcome") == "replica_error"}

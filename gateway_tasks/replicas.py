@@ -28,7 +28,8 @@ class ReplicaError(Exception):
 
 def build_payload(job: Job, kind: str) -> dict[str, Any]:
     payload: dict[str, Any] = {"job_id": job.id, "service": job.service, "kind": kind, "input": job.request}
-    if job.input_data is not None:
+    # The upload is a deferred column: read only for a job that carries one (its length is measured at submit).
+    if job.audio_seconds is not None and job.input_data is not None:
         payload["audio"] = {
             "content_type": job.input_content_type or "application/octet-stream",
             "data_base64": base64.b64encode(job.input_data).decode(),

@@ -33,7 +33,7 @@ from gateway_core.models import Job, utcnow
 from gateway_core.settings import ReplicaConfig, ServiceConfig
 from gateway_core.states import IN_FLIGHT, JobState
 from gateway_tasks.alerts import SEND_TASK, deliver, raise_alert
-from gateway_tasks.balancer import Choice, choose, in_rotation
+from gateway_tasks.balancer import choose, in_rotation
 from gateway_tasks.celery_app import WorkerContext
 from gateway_tasks.publish import DISPATCH_TASK, empty_queues, publish_dispatch
 from gateway_tasks.replicas import ReplicaError, build_payload, call_replica
@@ -85,40 +85,31 @@ def _dispatch(self: Task, ctx: WorkerContext, job_id: str) -> str:
     claim = _claim(ctx, job_id)
     if isinstance(claim, str):
         return claim
-    name, svc, choice, attempt = claim
-    assert choice.replica is not None
+    name, replica, token = claim.service, claim.replica, claim.token
+    started = time.monotonic()
+    outcome: dict[str, Any] | ReplicaError
     try:
-        with ctx.db.transaction() as s:
-            job = s.get(Job, job_id)
-            if job is None or job.state != S.DISPATCHED or job.attempts != attempt:
-                return "superseded"
-            job = transition(s, job, S.PROCESSING, values={"started_at": job.started_at or utcnow()})
-            if job is None:
-                return "superseded"
-            payload = build_payload(job, svc.kind)
-            left = lifecycle.deadline_left(job, svc.deadline_seconds, utcnow())
-        timeout = choice.replica.timeout if left is None else max(0.1, min(choice.replica.timeout, left))
-        started = time.monotonic()
         try:
-            outcome: dict[str, Any] | ReplicaError = call_replica(ctx.http, choice.replica, payload, timeout=timeout)
-            _feed_circuit(self, ctx, name, choice.replica.name, ok=True, latency=time.monotonic() - started)
+            outcome = call_replica(ctx.http, replica, claim.payload, timeout=claim.timeout)
+            _feed_circuit(self, ctx, name, replica.name, ok=True, latency=time.monotonic() - started)
         except ReplicaError as err:
             outcome = err
             if err.code == "REPLICA_UNREACHABLE":
-                ctx.registry.mark_down(name, choice.replica.name)
+                ctx.registry.mark_down(name, replica.name)
             if err.retriable:
                 answered = err.status is not None
                 latency = time.monotonic() - started if answered else None
-                _feed_circuit(self, ctx, name, choice.replica.name, ok=False, latency=latency)
+                _feed_circuit(self, ctx, name, replica.name, ok=False, latency=latency)
     finally:
-        if choice.token:
-            _release(ctx, name, choice.replica, choice.token)
-    return _record(self, ctx, job_id, svc, attempt, outcome)
+        _release(ctx, name, replica, token)
+    return _record(self, ctx, job_id, claim.svc, claim.attempt, outcome)
 
 
-def _release(ctx: WorkerContext, service: str, replica: ReplicaConfig, token: str) -> None:
+def _release(ctx: WorkerContext, service: str, replica: ReplicaConfig, token: str | None) -> None:
     """Free the slot (the first job waiting for one takes it); a slot Redis cannot free now frees itself when
-    its lease runs out, and must not cost the job its outcome."""
+    its lease runs out, and must not cost the job its outcome. No token: no slot was taken (Redis was away)."""
+    if token is None:
+        return
     try:
         ctx.registry.release(service, replica, token, time.time())
     except redis.RedisError as exc:
@@ -152,8 +143,8 @@ def _feed_circuit(
         log.warning("circuit state unavailable: %s", exc)
 
 
-def _claim(ctx: WorkerContext, job_id: str) -> str | tuple[str, ServiceConfig, Choice, int]:
-    """Move a claimable job to DISPATCHED on a replica slot, waiting for one while the service's replicas are
+def _claim(ctx: WorkerContext, job_id: str) -> str | _Claimed:
+    """Move a claimable job to PROCESSING on a replica slot, waiting for one while the service's replicas are
     all busy; or hold, fail, or skip it (returns why)."""
     while True:
         step = _try_claim(ctx, job_id)
@@ -184,11 +175,11 @@ def _claim(ctx: WorkerContext, job_id: str) -> str | tuple[str, ServiceConfig, C
             job = s.get(Job, job_id)
             claimed = None
             if job is not None and (job.state, job.attempts) == step.observed:
-                claimed = _take(ctx, s, job, replica, step.attempt, utcnow())
+                claimed = _take(ctx, s, job, step.svc, replica, step.token, step.attempt, utcnow())
         if claimed is None:  # canceled or taken over while it waited
             _release(ctx, step.service, replica, step.token)
             return "superseded"
-        return step.service, step.svc, Choice(replica, step.token), step.attempt
+        return claimed
 
 
 @dataclass(frozen=True)
@@ -206,7 +197,7 @@ class _Wait:
     until: float | None
 
 
-def _try_claim(ctx: WorkerContext, job_id: str) -> str | _Wait | tuple[str, ServiceConfig, Choice, int]:
+def _try_claim(ctx: WorkerContext, job_id: str) -> str | _Wait | _Claimed:
     settings = ctx.settings
     now = utcnow()
     with ctx.db.transaction() as s:
@@ -262,18 +253,40 @@ def _try_claim(ctx: WorkerContext, job_id: str) -> str | _Wait | tuple[str, Serv
                 s, job, now=now, retry_in=retry_in, max_hold=svc.max_hold_seconds, replicas=choice.reasons
             )
             return "held" if done is not None and done.state == S.HELD else "failed"
-        claimed = _take(ctx, s, job, choice.replica, attempt, now)
+        claimed = _take(ctx, s, job, svc, choice.replica, choice.token, attempt, now)
         if claimed is None:
-            if choice.token:
-                _release(ctx, job.service, choice.replica, choice.token)
+            _release(ctx, job.service, choice.replica, choice.token)
             return "lost-race"
-        return job.service, svc, choice, attempt
+        return claimed
 
 
-def _take(ctx: WorkerContext, s: Session, job: Job, replica: ReplicaConfig, attempt: int, now: datetime) -> Job | None:
-    """DISPATCHED on ``replica`` for ``attempt``, under a lease of the replica's timeout and a margin."""
+@dataclass(frozen=True)
+class _Claimed:
+    """A job in PROCESSING on a slot of ``replica`` held under ``token``: what to send and how long to wait."""
+
+    service: str
+    svc: ServiceConfig
+    replica: ReplicaConfig
+    token: str | None
+    attempt: int
+    payload: dict[str, Any]
+    timeout: float
+
+
+def _take(
+    ctx: WorkerContext,
+    s: Session,
+    job: Job,
+    svc: ServiceConfig,
+    replica: ReplicaConfig,
+    token: str | None,
+    attempt: int,
+    now: datetime,
+) -> _Claimed | None:
+    """DISPATCHED on ``replica`` for ``attempt``, under a lease of the replica's timeout and a margin, then
+    PROCESSING in the same transaction (the call follows at once); None when the job moved meanwhile."""
     margin = ctx.settings.gateway.lease_margin_seconds
-    return transition(
+    dispatched = transition(
         s,
         job,
         S.DISPATCHED,
@@ -288,6 +301,16 @@ def _take(ctx: WorkerContext, s: Session, job: Job, replica: ReplicaConfig, atte
             "next_attempt_at": None,
         },
     )
+    if dispatched is None:
+        return None
+    started = utcnow()
+    processing = transition(s, dispatched, S.PROCESSING, now=started, values={"started_at": job.started_at or started})
+    if processing is None:
+        return None
+    left = lifecycle.deadline_left(processing, svc.deadline_seconds, started)
+    timeout = replica.timeout if left is None else max(0.1, min(replica.timeout, left))
+    payload = build_payload(processing, svc.kind)
+    return _Claimed(processing.service, svc, replica, token, attempt, payload, timeout)
 
 
 def _record(

@@ -17,7 +17,7 @@ from collections import Counter
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.serving import make_server
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 from gateway_core.audio import measure_seconds
 from gateway_core.errors import ValidationFailedError
@@ -110,6 +110,13 @@ def _simulate(body: dict[str, Any]) -> dict[str, Any] | tuple[int, str, str]:
     return 400, "UNKNOWN_KIND", f"this replica cannot do kind {body.get('kind')!r}"
 
 
+class _KeepAliveHandler(WSGIRequestHandler):
+    """HTTP/1.1, so a worker's connection carries one call after another, as inference servers allow
+    (werkzeug's development server speaks HTTP/1.0 and closes every connection)."""
+
+    protocol_version = "HTTP/1.1"
+
+
 def serve_replica(
     service: str, name: str, host: str, port: int, latency_ms: int, fail_rate: float, log_level: str = "warning"
 ) -> None:
@@ -117,7 +124,7 @@ def serve_replica(
     (werkzeug's, at INFO) only when ``log_level`` lets INFO through."""
     logging.getLogger("werkzeug").setLevel(log_level.upper())
     app = create_replica_app(service, name, latency_ms, fail_rate)
-    server = make_server(host, port, app, threaded=True)
+    server = make_server(host, port, app, threaded=True, request_handler=_KeepAliveHandler)
     if logging.getLevelName(log_level.upper()) <= logging.INFO:
         print(f"replica {name} ({service}) listening on http://{host}:{server.server_port}", flush=True)
     try:
