@@ -15,7 +15,8 @@ import httpx
 import redis
 from celery import Task, shared_task
 from sqlalchemy import func, select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 
 from gateway_core import lifecycle
@@ -313,6 +314,10 @@ def _take(
     return _Claimed(processing.service, svc, replica, token, attempt, payload, timeout)
 
 
+# PostgreSQL or Redis away for a moment (a restart, a failover, a dropped connection, an exhausted pool).
+TRANSIENT_ERRORS = (OperationalError, InterfaceError, PoolTimeoutError, redis.ConnectionError)
+
+
 def _record(
     task: Task,
     ctx: WorkerContext,
@@ -321,23 +326,37 @@ def _record(
     attempt: int,
     outcome: dict[str, Any] | ReplicaError,
 ) -> str:
-    """Record one attempt's outcome; an outcome that cannot be recorded for a reason other than the database
-    or Redis being away fails the job (credits released, dead-lettered, alerted) instead of leaving it
+    """Record one attempt's outcome. The replica has answered, so a database or Redis that is away is waited
+    for here, the answer kept in memory, for up to ``record_retry_seconds``: retrying the task instead would
+    find the job PROCESSING under its lease and leave it to be run again. An outcome that cannot be recorded
+    for any other reason fails the job (credits released, dead-lettered, alerted) instead of leaving it
     PROCESSING for every later attempt to trip on."""
-    try:
-        return _record_outcome(task, ctx, job_id, svc, attempt, outcome)
-    except (OperationalError, redis.ConnectionError):
-        raise  # away for a moment: the task is retried
-    except Exception as exc:
-        log.exception("the outcome of job %s (attempt %d) could not be recorded", job_id, attempt)
-        with ctx.db.transaction() as s:
-            job = s.get(Job, job_id)
-            if job is None or job.state != S.PROCESSING or job.attempts != attempt:
-                return "superseded"
-            message = f"the replica answered but its outcome could not be recorded: {exc.__class__.__name__}"
-            detail = {"outcome": "not_recorded", "error": f"{exc.__class__.__name__}: {str(exc)[:500]}"}
-            lifecycle.fail(s, job, "OUTCOME_NOT_RECORDED", message, detail=detail)
-        return "failed"
+    give_up = time.monotonic() + ctx.settings.gateway.record_retry_seconds
+    pause = 0.2
+    while True:
+        try:
+            return _record_outcome(task, ctx, job_id, svc, attempt, outcome)
+        except TRANSIENT_ERRORS as exc:
+            if time.monotonic() + pause > give_up:
+                log.error("outcome of job %s (attempt %d) not recorded, giving up: %s", job_id, attempt, exc)
+                raise  # the task is retried; the sweeper takes the job over when its lease runs out
+            log.warning("outcome of job %s not recorded yet (%s); trying again in %.1f s", job_id, exc, pause)
+            time.sleep(pause)
+            pause = min(2 * pause, 2.0)
+        except Exception as exc:
+            log.exception("the outcome of job %s (attempt %d) could not be recorded", job_id, attempt)
+            return _fail_unrecorded(ctx, job_id, attempt, exc)
+
+
+def _fail_unrecorded(ctx: WorkerContext, job_id: str, attempt: int, exc: Exception) -> str:
+    with ctx.db.transaction() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.state != S.PROCESSING or job.attempts != attempt:
+            return "superseded"
+        message = f"the replica answered but its outcome could not be recorded: {exc.__class__.__name__}"
+        detail = {"outcome": "not_recorded", "error": f"{exc.__class__.__name__}: {str(exc)[:500]}"}
+        lifecycle.fail(s, job, "OUTCOME_NOT_RECORDED", message, detail=detail)
+    return "failed"
 
 
 def _record_outcome(

@@ -46,7 +46,7 @@ REVIVE_PORT = free_port()
 CHAOS_PORT = free_port()  # tests/tasks/test_chaos.py kills and restarts the replica "chaos" on it
 
 
-def _admin_pg() -> Any:
+def admin_pg() -> Any:
     conn = psycopg2.connect(PG.replace("postgresql+psycopg2", "postgresql") + "/postgres")
     conn.autocommit = True
     return conn
@@ -56,7 +56,7 @@ def _admin_pg() -> Any:
 def database_url() -> Iterator[str]:
     """A fresh PostgreSQL database migrated to head by Alembic, dropped at the end."""
     name = f"jobgate_test_{uuid.uuid4().hex[:8]}"
-    admin = _admin_pg()
+    admin = admin_pg()
     admin.cursor().execute(f'CREATE DATABASE "{name}"')
     url = f"{PG}/{name}"
     upgrade(url)
