@@ -7,8 +7,13 @@ answering after L, one dispatch worker started as deployed (`jobgate worker svc.
 configuration's rule). N jobs are admitted (core admission, credits reserved) and published before the worker
 starts. Makespan = last job's end - first job's dispatch;
 ideal = ceil(N / C) * L. Also reported: the replicas' own peak concurrency (never above C) and the worker's
-start-up (process start to first dispatch, not counted). Uses this machine's PostgreSQL (a scratch database)
-and Redis (db 13/14) or RabbitMQ. Prints a table, writes bench/results/saturation.json.
+start-up (process start to first dispatch, not counted), and whether any job ran twice at a replica.
+
+In flight (--in-flight N, default 1000): N calls of --in-flight-latency seconds against N slots, the worker started
+first, so that its resident memory idle and at the peak give the memory per call in flight.
+
+Uses this machine's PostgreSQL (a scratch database) and Redis (db 13/14) or RabbitMQ. Prints a table, writes
+bench/results/saturation.json.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import psycopg2
 import redis
 import yaml
@@ -57,7 +63,9 @@ def _admin() -> Any:
     return conn
 
 
-def run_case(latency: float, slots: int, jobs: int, *, broker: str, tmp: Path) -> dict[str, Any]:
+def run_case(
+    latency: float, slots: int, jobs: int, *, broker: str, tmp: Path, worker_first: bool = False
+) -> dict[str, Any]:
     dbname = f"jobgate_sat_{uuid.uuid4().hex[:8]}"
     admin = _admin()
     admin.cursor().execute(f'CREATE DATABASE "{dbname}"')
@@ -101,23 +109,35 @@ def run_case(latency: float, slots: int, jobs: int, *, broker: str, tmp: Path) -
             tenant = create_tenant(s, "bench", "enterprise")
         with db.transaction() as s:
             grant(s, tenant.id, 10**12)
-        for i in range(jobs):  # the backlog is in the broker before any worker runs
+        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL")}
+        env["JOBGATE_CONFIG"] = str(path)
+
+        def start_worker() -> Proc:
+            worker = Proc(
+                [str(BIN / "jobgate"), "worker", QUEUE, "--loglevel", "INFO", "--without-mingle", "--without-gossip"],
+                tmp / f"worker-{dbname}.log",
+                env=env,
+            )
+            procs.append(worker)
+            return worker
+
+        idle_rss = None
+        if worker_first:  # the worker's own footprint first, then the backlog
+            worker = start_worker()
+            worker.wait_for(lambda out: " ready." in out, 60, "worker ready")
+            idle_rss = psutil.Process(worker.pid).memory_info().rss
+        for i in range(jobs):
             with db.transaction() as s:
                 job = admit(s, settings, tenant_id=tenant.id, job_input=JobInput("codegen", {"prompt": f"job {i}"})).job
                 job_id, priority = job.id, job.priority
             assert publish_dispatch(app, job_id, "codegen", priority=priority)
-
-        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL")}
-        env["JOBGATE_CONFIG"] = str(path)
-        worker = Proc(
-            [str(BIN / "jobgate"), "worker", QUEUE, "--loglevel", "WARNING", "--without-mingle", "--without-gossip"],
-            tmp / f"worker-{dbname}.log",
-            env=env,
-        )
-        procs.append(worker)
+        if not worker_first:  # the backlog is in the broker before any worker runs
+            worker = start_worker()
         start = time.time()
         deadline = start + 5 * math.ceil(jobs / slots) * latency + 60
+        peak_rss = 0
         while True:
+            peak_rss = max(peak_rss, psutil.Process(worker.pid).memory_info().rss)
             with db.transaction() as s:
                 done = s.scalar(select(func.count()).where(Job.state.in_(list(TERMINAL))))
             if done == jobs:
@@ -137,7 +157,9 @@ def run_case(latency: float, slots: int, jobs: int, *, broker: str, tmp: Path) -
         # Where a job's time went: DISPATCHED -> PROCESSING (claim to call), PROCESSING -> end (call and record).
         claim = statistics.median((t.started_at - t.dispatched_at).total_seconds() for t in times)
         call = statistics.median((t.finished_at - t.started_at).total_seconds() for t in times)
-        peaks = [httpx.get(f"{r['url']}/stats").json()["max_in_flight"] for r in reps]
+        stats = [httpx.get(f"{r['url']}/stats").json() for r in reps]
+        peaks = [st["max_in_flight"] for st in stats]
+        runs = [n for st in stats for n in st["processed"].values()]
         return {
             "latency_s": latency,
             "slots": slots,
@@ -151,6 +173,17 @@ def run_case(latency: float, slots: int, jobs: int, *, broker: str, tmp: Path) -
             "median_processing_to_end_s": round(call, 4),
             "worker_start_s": round(first_dispatch.timestamp() - start, 3),
             "replica_peak_in_flight": peaks,
+            "inference_runs": len(runs),
+            "jobs_run_twice": sum(1 for n in runs if n > 1),
+            "worker_peak_rss_mb": round(peak_rss / 2**20, 1),
+            **(
+                {
+                    "worker_idle_rss_mb": round(idle_rss / 2**20, 1),
+                    "kb_per_in_flight_job": round((peak_rss - idle_rss) / 1024 / max(1, sum(peaks)), 1),
+                }
+                if idle_rss is not None
+                else {}
+            ),
         }
     finally:
         for p in procs:
@@ -163,30 +196,45 @@ def run_case(latency: float, slots: int, jobs: int, *, broker: str, tmp: Path) -
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="0.2:16:400,2:16:160,10:64:256", help="L:C:N,... (seconds, slots, jobs)")
+    ap.add_argument("--in-flight", type=int, default=1000, help="calls in flight on one worker (0: skip)")
+    ap.add_argument("--in-flight-latency", type=float, default=20.0, help="seconds per call in that case")
     ap.add_argument("--broker", choices=["redis", "rabbitmq"], default="redis")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "saturation.json")
     args = ap.parse_args()
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"jobgate-sat-{uuid.uuid4().hex[:6]}"
     tmp.mkdir(parents=True)
     results = []
-    for case in args.cases.split(","):
+    for case in filter(None, args.cases.split(",")):
         latency, slots, jobs = case.split(":")
         results.append(run_case(float(latency), int(slots), int(jobs), broker=args.broker, tmp=tmp))
         r = results[-1]
         print(f"  L={r['latency_s']:g}s C={r['slots']} N={r['jobs']}: {r['makespan_s']:.2f} s, ratio {r['ratio']:.3f}")
+    in_flight = None
+    if args.in_flight:
+        n = args.in_flight
+        in_flight = run_case(args.in_flight_latency, n, n, broker=args.broker, tmp=tmp, worker_first=True)
     print(
         f"\nsaturation ({args.broker} broker, {os.cpu_count()} cores): makespan / ideal (ceil(N/C) x L), target <= 1.15"
     )
     print(
         f"{'L s':>6} {'C':>4} {'N':>5} {'pool':>5} {'ideal s':>8} {'makespan s':>11} {'ratio':>6} {'start s':>8} "
-        f"{'peak':>9} {'claim ms':>9} {'call ms':>8}"
+        f"{'peak':>9} {'claim ms':>9} {'call ms':>8} {'twice':>6}"
     )
     for r in results:
         print(
             f"{r['latency_s']:>6g} {r['slots']:>4} {r['jobs']:>5} {r['worker_concurrency']:>5} {r['ideal_s']:>8.1f} "
             f"{r['makespan_s']:>11.2f} {r['ratio']:>6.3f} {r['worker_start_s']:>8.3f} "
             f"{'+'.join(map(str, r['replica_peak_in_flight'])):>9} "
-            f"{r['median_dispatched_to_processing_s'] * 1000:>9.1f} {r['median_processing_to_end_s'] * 1000:>8.1f}"
+            f"{r['median_dispatched_to_processing_s'] * 1000:>9.1f} {r['median_processing_to_end_s'] * 1000:>8.1f} "
+            f"{r['jobs_run_twice']:>6}"
+        )
+    if in_flight is not None:
+        r = in_flight
+        print(f"\nin flight: {r['jobs']} calls of {r['latency_s']:g} s on one worker process (gevent)")
+        print(f"{'peak in flight':>15} {'succeeded':>10} {'run twice':>10} {'idle MB':>8} {'peak MB':>8} {'KB/job':>7}")
+        print(
+            f"{sum(r['replica_peak_in_flight']):>15} {r['succeeded']:>10} {r['jobs_run_twice']:>10} "
+            f"{r['worker_idle_rss_mb']:>8.1f} {r['worker_peak_rss_mb']:>8.1f} {r['kb_per_in_flight_job']:>7.1f}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
@@ -197,11 +245,13 @@ def main() -> int:
                 "broker": args.broker,
                 "cpus": os.cpu_count(),
                 "results": results,
+                "in_flight": in_flight,
             },
             indent=2,
         )
     )
-    return 0 if all(r["succeeded"] == r["jobs"] for r in results) else 1
+    every = [*results, *([in_flight] if in_flight else [])]
+    return 0 if all(r["succeeded"] == r["jobs"] and not r["jobs_run_twice"] for r in every) else 1
 
 
 if __name__ == "__main__":
