@@ -6,4 +6,4 @@ COPY . /app
 RUN pip install --no-cache-dir -e . && useradd --system jobgate && chown -R jobgate /app
 USER jobgate
 EXPOSE 8080
-CMD ["gunicorn", "--no-control-socket", "--workers", "2", "--worker-class", "gthread", "--threads", "8", "--bind", "0.0.0.0:8080", "gateway_web:create_live_app()"]
+CMD ["gunicorn", "--no-control-socket", "--workers", "2", "--worker-class", "gevent", "--worker-connections", "2000", "--bind", "0.0.0.0:8080", "gateway_web:create_live_app()"]

@@ -3,10 +3,10 @@
     .venv/bin/python -m bench.submit_bench [--concurrency 16] [--seconds 8] [--rounds 3] [--client wrk|python]
 
 Starts its own stack on this machine's PostgreSQL and Redis (a scratch database, Redis db 11/12),
-two gunicorn servers with the same worker model (gthread, 2 workers x 8 threads) — the full gateway
-and the baseline — and drives both with the same client, alternating rounds so machine noise hits
-both alike. The client is wrk (Debian package `wrk`) when it is installed: a Python client on the
-same 2 cores takes CPU from the servers and caps the baseline; `--client python` forces that one.
+gunicorn servers of 2 workers — the full gateway and the baseline on gthread (x 8 threads), and the full
+gateway again on gevent, the web model `jobgate up` runs — and drives them with the same client, alternating
+rounds so machine noise hits them alike. The client is wrk (Debian package `wrk`) when it is installed: a Python
+client on the same 2 cores takes CPU from the servers and caps the baseline; `--client python` forces that one.
 Nothing consumes the queue; it is purged after each round. Prints a table, writes JSON to
 bench/results/submit.json.
 """
@@ -43,7 +43,9 @@ from tests.procs import BIN, Proc, free_port  # noqa: E402
 
 PG = os.environ.get("JOBGATE_BENCH_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 REDIS = os.environ.get("JOBGATE_BENCH_REDIS", "redis://127.0.0.1:6379")
-GUNICORN = ["--no-control-socket", "--workers", "2", "--worker-class", "gthread", "--threads", "8"]
+GUNICORN = ["--no-control-socket", "--workers", "2"]
+GTHREAD = ["--worker-class", "gthread", "--threads", "8"]
+GEVENT = ["--worker-class", "gevent", "--worker-connections", "2000"]
 
 
 def _admin() -> Any:
@@ -251,11 +253,15 @@ def main() -> int:
         finisher = threading.Thread(target=_finish_jobs, args=(dbname, stop_finishing), daemon=True)
         finisher.start()
 
-        ports = {"full": free_port(), "baseline": free_port()}
-        apps = {"full": "gateway_web:create_app()", "baseline": "bench.baseline:create_baseline()"}
-        for name, app in apps.items():
+        ports = {"full": free_port(), "full-gevent": free_port(), "baseline": free_port()}
+        apps = {
+            "full": (GTHREAD, "gateway_web:create_app()"),
+            "full-gevent": (GEVENT, "gateway_web:create_app()"),
+            "baseline": (GTHREAD, "bench.baseline:create_baseline()"),
+        }
+        for name, (model, app) in apps.items():
             p = Proc(
-                [str(BIN / "gunicorn"), *GUNICORN, "--bind", f"127.0.0.1:{ports[name]}", app],
+                [str(BIN / "gunicorn"), *GUNICORN, *model, "--bind", f"127.0.0.1:{ports[name]}", app],
                 tmp / f"{name}.log",
                 env=env,
                 cwd=ROOT,
@@ -264,6 +270,7 @@ def main() -> int:
             p.wait_for(lambda o: o.count("Booting worker") >= 2, 60, f"{name} server")
         urls = {
             "full": f"http://127.0.0.1:{ports['full']}/v1/jobs/codegen",
+            "full-gevent": f"http://127.0.0.1:{ports['full-gevent']}/v1/jobs/codegen",
             "baseline": f"http://127.0.0.1:{ports['baseline']}/baseline",
         }
         auth = [f"Bearer {key}" for key in keys]
@@ -278,9 +285,9 @@ def main() -> int:
         for name in urls:  # warm up connections, imports and pools
             run(name, warmup=True)
         queue.flushdb()
-        rounds: dict[str, list[dict[str, Any]]] = {"full": [], "baseline": []}
+        rounds: dict[str, list[dict[str, Any]]] = {"full": [], "full-gevent": [], "baseline": []}
         for _ in range(args.rounds):
-            for name in ("baseline", "full"):
+            for name in ("baseline", "full", "full-gevent"):
                 rounds[name].append(run(name))
                 queue.flushdb()
 
@@ -294,19 +301,21 @@ def main() -> int:
             "rps_full_over_baseline": summary["full"]["rps"] / summary["baseline"]["rps"],
             "p50_full_over_baseline": summary["full"]["p50_ms"] / summary["baseline"]["p50_ms"],
             "p50_added_ms": summary["full"]["p50_ms"] - summary["baseline"]["p50_ms"],
+            "rps_gevent_over_gthread": summary["full-gevent"]["rps"] / summary["full"]["rps"],
         }
         size = f"{args.seconds:g} s" if args.client == "wrk" else f"{args.requests} requests"
         print(
             f"\nsubmit benchmark ({args.client}): concurrency {args.concurrency}, {size} x {args.rounds} rounds, "
-            "gunicorn gthread 2x8, medians of rounds"
+            "gunicorn 2 workers (gthread x8 threads, or gevent), medians of rounds"
         )
-        print(f"{'target':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
-        for name in ("baseline", "full"):
+        print(f"{'target':<12} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+        for name in ("baseline", "full", "full-gevent"):
             s = summary[name]
-            print(f"{name:<10} {s['rps']:>9.0f} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f} {s['errors']:>7}")
+            print(f"{name:<12} {s['rps']:>9.0f} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f} {s['errors']:>7}")
         print(
             f"full / baseline: throughput x{ratio['rps_full_over_baseline']:.2f}, "
-            f"p50 x{ratio['p50_full_over_baseline']:.2f} (+{ratio['p50_added_ms']:.2f} ms)"
+            f"p50 x{ratio['p50_full_over_baseline']:.2f} (+{ratio['p50_added_ms']:.2f} ms); "
+            f"full on gevent / on gthread: throughput x{ratio['rps_gevent_over_gthread']:.2f}"
         )
         print(f"\nadmission step, in-process medians of {args.admission_samples} (ms)")
         for name, value in admission.items():
@@ -322,7 +331,7 @@ def main() -> int:
                     "round_size": size,
                     "rounds": args.rounds,
                     "tenants": args.tenants,
-                    "server": "gunicorn gthread 2 workers x 8 threads",
+                    "server": "gunicorn 2 workers: gthread x 8 threads (baseline, full), gevent (full-gevent)",
                     "cpus": os.cpu_count(),
                     "summary": summary,
                     "ratio": ratio,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,16 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.dml import Insert, Update
+
+log = logging.getLogger(__name__)
+
+# session.info key: the ids of the jobs the session's transaction moved to a terminal state.
+ENDED_JOBS = "jobgate.ended_jobs"
+
+
+def note_ended(session: Session, job_id: str) -> None:
+    """Remember that this transaction ends ``job_id``, for the Database's on_jobs_ended hooks after commit."""
+    session.info.setdefault(ENDED_JOBS, []).append(job_id)
 
 
 def make_engine(url: str) -> Engine:
@@ -51,6 +62,22 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._ended_hooks: list[Callable[[list[str]], None]] = []
+        event.listen(self._sessions, "after_commit", self._after_commit)
+        event.listen(self._sessions, "after_rollback", lambda session: session.info.pop(ENDED_JOBS, None))
+
+    def on_jobs_ended(self, hook: Callable[[list[str]], None]) -> None:
+        """Call ``hook`` with the ids of the jobs a transaction ended, once it has committed. A hook that
+        raises is logged: the transaction is already durable."""
+        self._ended_hooks.append(hook)
+
+    def _after_commit(self, session: Session) -> None:
+        ended = session.info.pop(ENDED_JOBS, None)
+        for hook in self._ended_hooks if ended else ():
+            try:
+                hook(ended)
+            except Exception:
+                log.exception("a jobs-ended hook failed")
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

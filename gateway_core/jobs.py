@@ -15,7 +15,7 @@ from typing import Any, cast
 from sqlalchemy import Table, bindparam, false, insert, or_, select, update
 from sqlalchemy.orm import Session, make_transient_to_detached
 
-from gateway_core.db import Writes, insert_rows, write_together
+from gateway_core.db import Writes, insert_rows, note_ended, write_together
 from gateway_core.errors import NotFoundError
 from gateway_core.models import Job, JobEvent, utcnow
 from gateway_core.states import IN_FLIGHT, TERMINAL, JobState, check_transition
@@ -129,6 +129,8 @@ def transition(
     ).one_or_none()
     if moved is None:
         return None
+    if to in TERMINAL:
+        note_ended(session, job.id)
     session.add(
         JobEvent(
             job_id=job.id,

@@ -17,9 +17,11 @@ import celeryconfig
 from gateway_core.db import Database
 from gateway_core.live import LiveSettings, request_reload
 from gateway_core.settings import Settings
+from gateway_tasks.ended import announcer
+from gateway_tasks.fanout import Fanout
 from gateway_tasks.pool import gevent_active
 from gateway_tasks.registry import Registry
-from gateway_tasks.waiting import GrantListener
+from gateway_tasks.waiting import grant_listener
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,9 @@ class WorkerContext:
 
     @cached_property
     def db(self) -> Database:
-        return Database(self.settings.database_url)
+        db = Database(self.settings.database_url)
+        db.on_jobs_ended(announcer(self.redis))
+        return db
 
     @cached_property
     def redis(self) -> redis.Redis:
@@ -54,10 +58,10 @@ class WorkerContext:
         return Registry(self.redis)
 
     @cached_property
-    def grants(self) -> GrantListener:
+    def grants(self) -> Fanout:
         # Its own client: a subscription waits without a read timeout, which the shared client has.
         client = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2, socket_keepalive=True)
-        return GrantListener(client)
+        return grant_listener(client)
 
     @cached_property
     def http(self) -> httpx.Client:

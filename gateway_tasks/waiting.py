@@ -9,8 +9,6 @@ rotation any more (the job is then held) or that its deadline has passed.
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -19,54 +17,11 @@ from datetime import datetime
 import redis
 
 from gateway_core.settings import ReplicaConfig
+from gateway_tasks.fanout import Fanout
 from gateway_tasks.registry import Registry, Waiter
-
-log = logging.getLogger(__name__)
 
 RENEW_SECONDS = 2.0  # how often a waiter renews its place and looks at the replicas again
 PLACE_TTL_SECONDS = 3 * RENEW_SECONDS  # a place not renewed this long (its process died) is skipped
-
-
-class GrantListener:
-    """One pub/sub subscription per process, fanned out to the greenlets (or threads) waiting in it."""
-
-    def __init__(self, client: redis.Redis):
-        self.client = client
-        self.channel = f"jobgate:grants:{uuid.uuid4().hex}"
-        self._events: dict[str, threading.Event] = {}
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def expect(self, token: str) -> threading.Event:
-        """The event set when ``token`` is granted a slot."""
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._listen, name="slot-grants", daemon=True)
-                self._thread.start()
-            event = self._events[token] = threading.Event()
-        return event
-
-    def forget(self, token: str) -> None:
-        with self._lock:
-            self._events.pop(token, None)
-
-    def _listen(self) -> None:
-        while True:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-            try:
-                pubsub.subscribe(self.channel)
-                for message in pubsub.listen():
-                    data = message.get("data")
-                    token = data.decode() if isinstance(data, bytes) else str(data)
-                    with self._lock:
-                        event = self._events.get(token)
-                    if event is not None:
-                        event.set()
-            except redis.RedisError as exc:  # waiters renew their place meanwhile; grants are kept in Redis
-                log.warning("slot grants: subscription lost (%s); subscribing again", exc)
-                time.sleep(0.5)
-            finally:
-                pubsub.close()
 
 
 def rank(priority: int, submitted_at: datetime) -> float:
@@ -74,9 +29,14 @@ def rank(priority: int, submitted_at: datetime) -> float:
     return priority * 1e13 + round(submitted_at.timestamp() * 1000)
 
 
+def grant_listener(client: redis.Redis) -> Fanout:
+    """This process's subscription to the slot grants addressed to it (a channel of its own)."""
+    return Fanout(client, f"jobgate:grants:{uuid.uuid4().hex}")
+
+
 def wait_for_slot(
     registry: Registry,
-    listener: GrantListener,
+    listener: Fanout,
     service: str,
     *,
     token: str,
@@ -91,8 +51,7 @@ def wait_for_slot(
     ``until`` (epoch seconds) has passed."""
     waiter = Waiter(token, rank, listener.channel, lease_seconds, PLACE_TTL_SECONDS)
     by_name = {rep.name: rep for rep in configured}
-    event = listener.expect(token)
-    try:
+    with listener.expecting(token) as event:
         while True:
             candidates = in_rotation()
             now = time.time()
@@ -111,8 +70,6 @@ def wait_for_slot(
                 continue
             timeout = RENEW_SECONDS if until is None else max(0.0, min(RENEW_SECONDS, until - now))
             event.wait(timeout)
-    finally:
-        listener.forget(token)
 
 
 def _give_back(registry: Registry, service: str, rep: ReplicaConfig | None, name: str, token: str) -> None:

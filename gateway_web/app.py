@@ -12,6 +12,8 @@ from flask_openapi3 import Info
 from gateway_core.db import Database
 from gateway_core.settings import Settings, load_settings
 from gateway_tasks.celery_app import create_celery
+from gateway_tasks.ended import announcer, end_listener
+from gateway_tasks.pool import cooperate_with_gevent
 from gateway_web import admin, credits, health, jobs
 from gateway_web.auth import SECURITY_SCHEMES, init_auth
 from gateway_web.context import WebContext
@@ -36,11 +38,17 @@ def create_app(settings: Settings | None = None) -> JobgateOpenAPI:
         validation_error_callback=validation_error_response,
     )
     app.config["MAX_CONTENT_LENGTH"] = settings.gateway.max_body_bytes
+    cooperate_with_gevent()  # served by gunicorn's gevent workers: psycopg2 must yield while it waits
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    db = Database(settings.database_url)
+    db.on_jobs_ended(announcer(client))
     app.extensions["jobgate"] = WebContext(
         settings=settings,
-        db=Database(settings.database_url),
+        db=db,
         celery=create_celery(settings),
-        redis=redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2),
+        redis=client,
+        # A subscription waits without a read timeout: its own client.
+        job_ends=end_listener(redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)),
     )
 
     @app.before_request

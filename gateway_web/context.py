@@ -10,6 +10,7 @@ from flask import current_app
 from gateway_core.db import Database
 from gateway_core.settings import Settings
 from gateway_tasks.celery_app import JobgateCelery
+from gateway_tasks.fanout import Fanout
 
 
 @dataclass
@@ -18,6 +19,7 @@ class WebContext:
     db: Database
     celery: JobgateCelery
     redis: redis.Redis
+    job_ends: Fanout  # requests waiting for a job to end (Prefer: wait) are woken through it
 
 
 def ctx() -> WebContext:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from flask import Response, jsonify
@@ -15,6 +16,7 @@ from gateway_core.catalog import KINDS
 from gateway_core.errors import ServiceDisabledError, UnknownServiceError
 from gateway_core.jobs import get_job, mark_enqueued
 from gateway_core.settings import Settings
+from gateway_core.states import TERMINAL
 from gateway_tasks.publish import publish_dispatch
 from gateway_web.auth import SECURITY, principal
 from gateway_web.context import ctx
@@ -24,6 +26,7 @@ from gateway_web.limits import limited
 from gateway_web.openapi import JobgateOpenAPI, TranscribeUpload
 from gateway_web.schemas import JobAccepted, JobOut, JobPath, JobQuery, ServicePath, job_link, job_out
 from gateway_web.submission import JSON, MULTIPART, Submission, parse_submission
+from gateway_web.waits import applied, preferred_wait, wait_for_end
 
 TAG = Tag(name="jobs", description="Submit inference jobs, read their state and result, cancel them")
 ERRORS: dict[str | int, Any] = {401: ErrorEnvelope, 404: ErrorEnvelope, 429: ErrorEnvelope}
@@ -39,13 +42,15 @@ SUBMIT_ERRORS: dict[str | int, Any] = {
 
 
 def submit(service: str) -> tuple[Response, int, dict[str, str]]:
-    """Validate, admit (concurrency, quotas, credits), record and enqueue a job; 202 with its id."""
+    """Validate, admit (concurrency, quotas, credits), record and enqueue a job; 202 with its id. With
+    ``Prefer: wait=N``, 200 with the ended job if it ends within N seconds."""
     c = ctx()
     svc = c.settings.services[service]
     if not svc.enabled:
         raise ServiceDisabledError(f"service {service} is disabled", details={"service": service})
     gw = c.settings.gateway
     key = idempotency_key()
+    wait = preferred_wait()  # refused before anything is admitted
     sub = parse_submission(KINDS[svc.kind], gw.max_body_bytes)
     if sub.audio_url:
         _fetch(sub, gw.max_body_bytes, gw.audio_fetch_timeout_seconds, gw.allow_private_audio_urls)
@@ -67,8 +72,26 @@ def submit(service: str) -> tuple[Response, int, dict[str, str]]:
     elif publish_dispatch(c.celery, job.id, service, priority=job.priority):  # after commit; else the sweeper
         with c.db.transaction() as s:
             mark_enqueued(s, job.id)
+    if wait is not None:
+        headers.update(applied(wait))
+        out, ended = wait_for_end(job.id, wait, functools.partial(_read, job.id, tenant_id, with_events=False))
+        if ended:  # within the wait: the job itself, result or error included
+            return jsonify(out), 200, headers
     body = JobAccepted(id=job.id, status=job.state, service=service, created_at=job.created_at, links=job_link(job.id))
     return jsonify(body.model_dump(mode="json")), 202, headers
+
+
+def _read(job_id: str, tenant_id: int, *, with_events: bool) -> tuple[dict[str, Any], bool]:
+    """The job as a client sees it (only the tenant's own), and whether it has ended."""
+    with ctx().db.transaction() as s:
+        job = get_job(s, job_id, tenant_id=tenant_id)
+        if with_events:
+            s.refresh(job, ["events"])
+        out = job_out(job, with_events=with_events).model_dump(mode="json")
+        ended = job.state in TERMINAL
+    if out["events"] is None:
+        del out["events"]
+    return out, ended
 
 
 def _admit(tenant_id: int, job_input: JobInput, key: str | None, fingerprint: str | None) -> Admitted:
@@ -101,7 +124,8 @@ def make_blueprint(app: JobgateOpenAPI) -> APIBlueprint:
 
         view.__name__ = view.__qualname__ = f"submit_{name.replace('-', '_')}"
         view.__doc__ = f"Submit a {kind.name} job to {name}."
-        bp.post(f"/jobs/{name}", responses={202: JobAccepted, **SUBMIT_ERRORS}, operation_id=f"submit_{name}")(
+        responses = {200: JobOut, 202: JobAccepted, **SUBMIT_ERRORS}
+        bp.post(f"/jobs/{name}", responses=responses, operation_id=f"submit_{name}")(
             limited(app, settings, view, weight=svc.cost_weight, endpoint_limit=svc.rate_limit)
         )
         bodies: dict[str, Any] = {JSON: kind.json_model}
@@ -116,16 +140,18 @@ def make_blueprint(app: JobgateOpenAPI) -> APIBlueprint:
             details={"service": path.service, "available": sorted(settings.services)},
         )
 
-    def read_job(path: JobPath, query: JobQuery) -> Response:
-        """A job's state, attempts, timings, and its result or error; ?include=events adds the history."""
-        with ctx().db.transaction() as s:
-            job = get_job(s, path.job_id, tenant_id=principal().tenant_id)
-            if query.include == "events":
-                s.refresh(job, ["events"])
-            out = job_out(job, with_events=query.include == "events").model_dump(mode="json")
-        if out["events"] is None:
-            del out["events"]
-        return jsonify(out)
+    def read_job(path: JobPath, query: JobQuery) -> Response | tuple[Response, int, dict[str, str]]:
+        """A job's state, attempts, timings, and its result or error; ?include=events adds the history.
+        With ``Prefer: wait=N`` the answer waits until the job ends or N seconds pass."""
+        wait = preferred_wait()
+        tenant_id = principal().tenant_id
+
+        def read() -> tuple[dict[str, Any], bool]:
+            return _read(path.job_id, tenant_id, with_events=query.include == "events")
+
+        if wait is None:
+            return jsonify(read()[0])
+        return jsonify(wait_for_end(path.job_id, wait, read)[0]), 200, applied(wait)
 
     def cancel_job(path: JobPath) -> Response:
         """Cancel a job that has not ended; its reserved credits are released. 409 if it already ended."""

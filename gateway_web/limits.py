@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from flask import Flask, Response
 from flask_limiter import Limiter, RateLimitExceeded
 from limits import RateLimitItem, parse_many
@@ -180,11 +181,20 @@ def make_limiter(app: Flask, settings: Settings) -> Limiter:
     limiter = Limiter(
         key_func=_tenant_key,
         storage_uri=_storage_uri(settings.redis_url),
-        storage_options={"socket_connect_timeout": 0.5, "socket_timeout": 0.5},  # type: ignore[dict-item]
+        # A bounded pool: a gevent worker may have thousands of requests in flight, and a limits check is
+        # one short round trip; a request that cannot get a connection within 0.5 s counts as Redis away.
+        storage_options={
+            "connection_pool": redis.BlockingConnectionPool.from_url(  # type: ignore[dict-item]
+                settings.redis_url, max_connections=64, timeout=0.5, socket_connect_timeout=0.5, socket_timeout=0.5
+            )
+        },
         strategy="sliding-window-counter",
         key_prefix=KEY_PREFIX,
         headers_enabled=False,  # set below in the IETF RateLimit-* form
         in_memory_fallback_enabled=rl.in_memory_fallback,
+        # A request whose storage call fails just after another one switched this process to the in-memory
+        # fallback is let through (logged) rather than answered 500: many requests in flight fail together.
+        swallow_errors=True,
         enabled=rl.enabled,
     )
     limiter.init_app(app)

@@ -116,8 +116,10 @@ def _programs(
     programs.append(
         Program(
             "web",
-            # keep-alive past clients' poll intervals: a connection closed as a request arrives fails that request
-            f"{py} -m gunicorn --no-control-socket --workers 1 --worker-class gthread --threads 8 --keep-alive 75 "
+            # gevent: a greenlet per request, so thousands of clients can wait (Prefer: wait) at once. Keep-alive
+            # past clients' poll intervals: a connection closed as a request arrives fails that request.
+            f"{py} -m gunicorn --no-control-socket --workers 1 --worker-class gevent --worker-connections 2000 "
+            "--keep-alive 75 "
             f"--bind 127.0.0.1:{port} --log-level {log_level} {access_log}'gateway_web:create_live_app()'",
             priority=30,
         )

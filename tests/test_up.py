@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -118,6 +119,17 @@ def test_up_runs_the_readme_walks_restarts_a_dead_child_and_stops_every_child(
         time.sleep(0.2)
     assert job["status"] == "SUCCEEDED", job
     assert job["result"]["output"]["text"] == "[simulated transcript of 2.00 s of audio]"
+
+    # Clients that wait (Prefer: wait) are held by the gevent web server together and answered as their jobs end.
+    def submit_and_wait(i: int) -> httpx.Response:
+        with httpx.Client(base_url=api.base_url, headers=api.headers, timeout=60) as one:
+            return one.post("/v1/jobs/codegen", headers={"Prefer": "wait=30"}, json={"prompt": f"job {i}"})
+
+    # As many as the demo tenant (tier pro) may have in progress at once.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        waited = list(pool.map(submit_and_wait, range(8)))
+    assert all(r.status_code == 200 and r.json()["status"] == "SUCCEEDED" for r in waited), [r.text for r in waited]
+    assert {r.headers["Preference-Applied"] for r in waited} == {"wait=30"}
 
     # An upload refused before its body is read (a bad Idempotency-Key) leaves the kept-alive connection usable.
     for _ in range(3):
