@@ -148,7 +148,9 @@ def transition(
 
 def claimable(job: Job, now: datetime) -> bool:
     """A worker may take the job: it waits for balancing, or its worker's lease ran out."""
-    if job.state in (S.QUEUED, S.HELD):
+    if job.state == S.QUEUED:  # a retry waits for its time (a message may come early: redelivered, duplicated)
+        return job.next_attempt_at is None or job.next_attempt_at <= now
+    if job.state == S.HELD:
         return True
     return job.state in IN_FLIGHT and job.lease_expires_at is not None and job.lease_expires_at <= now
 
@@ -165,11 +167,11 @@ def get_job(session: Session, job_id: str, *, tenant_id: int | None = None) -> J
     return job
 
 
-def mark_enqueued(session: Session, job_id: str, now: datetime | None = None) -> None:
-    """Record that a dispatch message is with the broker (the job row is its own outbox)."""
+def mark_enqueued(session: Session, *job_ids: str, now: datetime | None = None) -> None:
+    """Record that the jobs' dispatch messages are with the broker (the job row is its own outbox)."""
     session.execute(
         update(Job)
-        .where(Job.id == job_id)
+        .where(Job.id.in_(job_ids))
         .values(enqueued_at=now or utcnow())
         .execution_options(synchronize_session=False)
     )
@@ -184,10 +186,12 @@ def jobs_to_resend(
     idle_services: Collection[str] = (),
     limit: int = 500,
 ) -> list[Job]:
-    """Jobs no message is driving: committed but never handed to the broker; sent before ``resent_before``
-    but still QUEUED while their service's queue holds nothing (``idle_services``: the broker lost the
-    message, say a Redis restarted without persistence); in flight with their worker's lease run out (once
-    per lease: again only if that message too is older than ``resent_before``); HELD and due for another try."""
+    """Jobs no message is driving, locked (SKIP LOCKED) for the caller to send and mark in its transaction:
+    committed but never handed to the broker; QUEUED for a retry whose time has come; sent before
+    ``resent_before`` but still QUEUED while their service's queue holds nothing (``idle_services``: the
+    broker lost the message, say a Redis restarted without persistence); in flight with their worker's lease
+    run out (once per lease: again only if that message too is older than ``resent_before``); HELD and due
+    for another try."""
     lost: Any = false()
     if idle_services:
         lost = (Job.state == S.QUEUED) & (Job.enqueued_at < resent_before) & Job.service.in_(list(idle_services))
@@ -195,7 +199,11 @@ def jobs_to_resend(
         select(Job)
         .where(
             or_(
-                (Job.state == S.QUEUED) & Job.enqueued_at.is_(None) & (Job.updated_at < unsent_before),
+                (Job.state == S.QUEUED)
+                & Job.enqueued_at.is_(None)
+                & Job.next_attempt_at.is_(None)
+                & (Job.updated_at < unsent_before),
+                (Job.state == S.QUEUED) & (Job.next_attempt_at <= now) & Job.enqueued_at.is_(None),
                 lost,
                 Job.state.in_(list(IN_FLIGHT))
                 & (Job.lease_expires_at < now)

@@ -21,9 +21,7 @@ def broker_priority(app: Celery, priority: int) -> int:
     return priority if str(app.conf.broker_url).startswith(("redis", "rediss")) else 9 - priority
 
 
-def publish_dispatch(
-    app: Celery, job_id: str, service: str, *, countdown: float | None = None, priority: int = 6
-) -> bool:
+def publish_dispatch(app: Celery, job_id: str, service: str, *, priority: int = 6) -> bool:
     """Hand the job's dispatch message to the broker; False (logged) when the broker cannot take it."""
     try:
         app.send_task(
@@ -32,7 +30,6 @@ def publish_dispatch(
             kwargs={"service": service},
             task_id=job_id,
             priority=broker_priority(app, priority),
-            countdown=countdown,
             retry=True,
             retry_policy=_RETRY_POLICY,
         )

@@ -398,20 +398,18 @@ def _record_outcome(
             lifecycle.fail(s, job, "DEADLINE_EXCEEDED", message, detail=detail)
             return "failed"
         detail["retry_in_seconds"] = round(retry_in, 3)
-        transition(s, job, S.QUEUED, detail=detail, values={"lease_expires_at": None, "enqueued_at": None})
-        service, priority = job.service, job.priority
-
-    # After the commit: a crash before this line leaves enqueued_at NULL and the sweeper re-sends it.
-    if publish_dispatch(task.app, job_id, service, countdown=retry_in, priority=priority):
-        with ctx.db.transaction() as s:
-            mark_enqueued(s, job_id)
+        # The retry waits in PostgreSQL, not in the broker: the sweeper sends it when next_attempt_at comes.
+        due = utcnow() + timedelta(seconds=retry_in)
+        values = {"lease_expires_at": None, "enqueued_at": None, "next_attempt_at": due}
+        transition(s, job, S.QUEUED, detail=detail, values=values)
     return "retrying"
 
 
 @shared_task(bind=True, name="jobgate.sweep_jobs", ignore_result=True)
 def sweep_jobs(self: Task) -> int:
-    """Re-send jobs committed but never published, jobs whose message the broker lost, and in-flight jobs
-    whose worker's lease ran out."""
+    """The one scheduler of delayed work: send jobs committed but never published, retries whose time has
+    come, held jobs due for another try, jobs whose message the broker lost, and in-flight jobs whose worker's
+    lease ran out."""
     ctx = _ctx(self)
     gw = ctx.settings.gateway
     services = ctx.settings.services
@@ -424,17 +422,22 @@ def sweep_jobs(self: Task) -> int:
         empty = set()
     idle = [name for name in services if ctx.settings.queue_for(name) in empty]
     now = utcnow()
+    sent: list[str] = []
     with ctx.db.transaction() as s:
-        due = [
-            (job.id, job.service, job.priority)
-            for job in jobs_to_resend(
-                s,
-                unsent_before=now - timedelta(seconds=gw.sweep_unsent_after_seconds),
-                resent_before=now - timedelta(seconds=gw.visibility_timeout_seconds),
-                now=now,
-                idle_services=idle,
-            )
-        ]
+        # Sent and marked under the rows' locks: another sweeper skips them, and a crash before the commit
+        # leaves them unmarked, to be sent again (a duplicate message finds nothing to claim).
+        for job in jobs_to_resend(
+            s,
+            unsent_before=now - timedelta(seconds=gw.sweep_unsent_after_seconds),
+            resent_before=now - timedelta(seconds=gw.visibility_timeout_seconds),
+            now=now,
+            idle_services=idle,
+        ):
+            if not publish_dispatch(self.app, job.id, job.service, priority=job.priority):
+                break  # the broker is away: the next sweep tries again
+            sent.append(job.id)
+        if sent:
+            mark_enqueued(s, *sent)
         held_long = s.execute(
             select(Job.service, func.count())
             .where(Job.state == S.HELD, Job.held_since < now - timedelta(seconds=ctx.settings.alerts.held_age_seconds))
@@ -451,15 +454,9 @@ def sweep_jobs(self: Task) -> int:
             f"{count} job(s) held for over {age:g} s",
             {"held_jobs": count},
         )
-    sent = 0
-    for job_id, service, priority in due:
-        if publish_dispatch(self.app, job_id, service, priority=priority):
-            with ctx.db.transaction() as s:
-                mark_enqueued(s, job_id)
-            sent += 1
     if sent:
-        log.info("sweeper re-sent %d job(s)", sent)
-    return sent
+        log.info("sweeper sent %d job(s)", len(sent))
+    return len(sent)
 
 
 @shared_task(bind=True, name="jobgate.probe_replicas", ignore_result=True)

@@ -245,6 +245,13 @@ def config_file(
                 **fast,
                 "replicas": [_replica("down-1", replicas["down-1"]), _replica("down-2", replicas["down-2"])],
             },
+            # A retry an hour away: it waits in the database until a test brings its time forward.
+            "codegen-later": {
+                "kind": "codegen",
+                "max_attempts": 2,
+                "retry_schedule_seconds": [3600],
+                "replicas": [_replica("down-1", replicas["down-1"])],
+            },
             "codegen-slow": {"kind": "codegen", **fast, "replicas": [_replica("slow", replicas["slow"])]},
             "codegen-off": {
                 "kind": "codegen",

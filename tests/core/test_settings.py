@@ -74,8 +74,8 @@ def test_other_database_urls_are_one_line_naming_the_forms_accepted(tmp_path: Pa
         (GOOD + "gateway: {colour: blue}\n", ["gateway.colour: unknown key"]),
         (GOOD.replace("codegen:", "Bad Name:"), ["services", "'Bad Name'"]),
         (
-            GOOD + "gateway: {visibility_timeout_seconds: 10}\n",
-            ["retry_schedule_seconds=[5.0, 15.0, 45.0]", "visibility_timeout"],
+            GOOD.replace("kind: codegen", "kind: codegen\n    retry_schedule_seconds: [1, -2]"),
+            ["services.codegen.retry_schedule_seconds.1", "-2"],
         ),
         ("services: [1, 2", ["not valid YAML"]),
     ],

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import redis
+from sqlalchemy import update
 
 from gateway_core import lifecycle
 from gateway_core.jobs import create_job, jobs_to_resend, mark_enqueued, transition
@@ -18,7 +19,7 @@ from gateway_core.states import JobState
 from gateway_tasks.celery_app import create_celery
 from gateway_tasks.publish import empty_queues, publish_dispatch
 from gateway_tasks.registry import Registry
-from tests.conftest import TenantKey, wait_message_handled, wait_state, wait_terminal
+from tests.conftest import TenantKey, until, wait_message_handled, wait_state, wait_terminal
 
 S = JobState
 
@@ -52,6 +53,25 @@ def test_failing_replica_fails_over_to_a_healthy_one(client: Any, worker: Any, t
     ]
     error = failed_over[0].events[4].detail
     assert error["code"] == "REPLICA_ERROR" and error["status"] == 503 and error["retry_in_seconds"] > 0
+
+
+def test_a_retry_waits_in_the_database_and_the_sweeper_sends_it_when_due(
+    client: Any, worker: Any, tenant: TenantKey, db: Any, settings: Settings
+) -> None:
+    job_id = _submit(client, tenant, "codegen-later")
+
+    def first_attempt_failed() -> Job | None:
+        with db.transaction() as s:
+            job = s.get(Job, job_id)
+            return job if job is not None and job.state == S.QUEUED and job.attempts == 1 else None
+
+    job = until(first_attempt_failed, 20, "the first attempt failed")
+    assert job.next_attempt_at is not None and job.next_attempt_at > utcnow() + timedelta(minutes=29)
+    wait_message_handled(settings, "codegen-later", job_id)  # no countdown in the broker, none in a worker
+    with db.transaction() as s:  # its time comes
+        s.execute(update(Job).where(Job.id == job_id).values(next_attempt_at=utcnow()))
+    job = wait_terminal(db, job_id)
+    assert job.state == S.FAILED and job.error_code == "ALL_ATTEMPTS_FAILED" and job.attempts == 2
 
 
 def test_all_replicas_failing_ends_in_failed_with_every_attempt(
