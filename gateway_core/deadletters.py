@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gateway_core.credits import lock_tenant, reservation
-from gateway_core.db import write_together
+from gateway_core.db import Database, write_together
 from gateway_core.errors import InvalidRequestError, NotFoundError
-from gateway_core.models import DeadLetter, Job, JobEvent, utcnow
+from gateway_core.jobs import Dispatcher, send_committed, transition
+from gateway_core.models import DeadLetter, Job, utcnow
+from gateway_core.pricing import estimate
+from gateway_core.settings import Settings
 from gateway_core.states import JobState
 from gateway_core.usage import count_usage
 
@@ -78,35 +81,41 @@ def replay(session: Session, letter_id: int, credits: int) -> Job:
     # use; dropped when that period has ended (the replay's spend is in the ledger either way).
     count_usage(tenant, job.created_at, jobs=1, credits=credits)
     write_together(session, reservation(tenant, job.id, credits, now))
-    session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.state == JobState.FAILED)
-        .values(
-            state=JobState.QUEUED,
-            attempts=0,
-            error_code=None,
-            error_message=None,
-            finished_at=None,
-            credits_reserved=credits,
-            credits_charged=None,
-            enqueued_at=None,
-            updated_at=now,
-            held_since=None,
-            next_attempt_at=None,
-        )
-        .execution_options(synchronize_session=False)
+    replayed = transition(
+        session,
+        job,
+        JobState.QUEUED,
+        attempt=0,
+        now=now,
+        detail={"outcome": "replayed", "dead_letter": letter_id},
+        values={
+            "error_code": None,
+            "error_message": None,
+            "finished_at": None,
+            "credits_reserved": credits,
+            "credits_charged": None,
+            "enqueued_at": None,
+            "held_since": None,
+            "next_attempt_at": None,
+            "lease_expires_at": None,
+        },
     )
-    session.add(
-        JobEvent(
-            job_id=job.id,
-            at=now,
-            from_state=JobState.FAILED,
-            to_state=JobState.QUEUED,
-            detail={"outcome": "replayed", "dead_letter": letter_id},
-        )
-    )
+    if replayed is None:  # replayed by another admin between our read and our guarded update
+        raise InvalidRequestError(f"dead letter {letter_id} was already replayed", code="ALREADY_REPLAYED")
     letter.replayed_at = now
-    session.flush()
-    replayed = session.get(Job, job.id, populate_existing=True)
-    assert replayed is not None
     return replayed
+
+
+def replay_and_send(db: Database, settings: Settings, dispatcher: Dispatcher, letter_id: int) -> Job:
+    """The replay command: re-open a dead-lettered job with its credits reserved again at today's price,
+    commit, and send it."""
+    with db.transaction() as s:
+        letter = s.get(DeadLetter, letter_id)
+        svc = settings.services.get(letter.service) if letter else None
+        if letter is not None and svc is None:
+            raise InvalidRequestError(f"service {letter.service} is no longer configured", code="SERVICE_REMOVED")
+        job = s.get(Job, letter.job_id) if letter else None
+        cost = estimate(svc, job.request, job.audio_seconds) if svc and job else 0
+        job = replay(s, letter_id, cost)
+    send_committed(db, dispatcher, job)
+    return job

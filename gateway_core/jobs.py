@@ -10,12 +10,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Collection
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from sqlalchemy import Table, bindparam, false, insert, or_, select, update
 from sqlalchemy.orm import Session, make_transient_to_detached
 
-from gateway_core.db import Writes, insert_rows, note_ended, write_together
+from gateway_core.db import Database, Writes, insert_rows, note_ended, write_together
 from gateway_core.errors import NotFoundError
 from gateway_core.models import Job, JobEvent, utcnow
 from gateway_core.states import IN_FLIGHT, TERMINAL, JobState, check_transition
@@ -165,6 +165,22 @@ def get_job(session: Session, job_id: str, *, tenant_id: int | None = None) -> J
     if job is None or (tenant_id is not None and job.tenant_id != tenant_id):
         raise NotFoundError(f"no job {job_id}", details={"id": job_id})
     return job
+
+
+class Dispatcher(Protocol):
+    """Hands a job's dispatch message to the broker; False when the broker cannot take it now."""
+
+    def __call__(self, job_id: str, service: str, *, priority: int) -> bool: ...
+
+
+def send_committed(db: Database, dispatcher: Dispatcher, job: Job) -> bool:
+    """Send a job whose row is committed and mark it sent; a job the broker cannot take now stays unmarked,
+    and the sweeper sends it (the job row is its own outbox). The one way a committed job is sent."""
+    if not dispatcher(job.id, job.service, priority=job.priority):
+        return False
+    with db.transaction() as s:
+        mark_enqueued(s, job.id)
+    return True
 
 
 def mark_enqueued(session: Session, *job_ids: str, now: datetime | None = None) -> None:

@@ -34,7 +34,8 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.DISPATCHED: frozenset({S.PROCESSING, S.DISPATCHED, S.QUEUED, S.HELD, S.FAILED, S.CANCELED}),
     S.PROCESSING: frozenset({S.SUCCEEDED, S.FAILED, S.QUEUED, S.DISPATCHED, S.CANCELED}),
     S.SUCCEEDED: frozenset(),
-    S.FAILED: frozenset(),
+    # An admin's replay of a dead letter re-opens a failed job for a new round of attempts (same job id).
+    S.FAILED: frozenset({S.QUEUED}),
     S.CANCELED: frozenset(),
 }
 

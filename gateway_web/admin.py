@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -13,11 +14,8 @@ from gateway_core import credits as ledger
 from gateway_core import deadletters
 from gateway_core.catalog import NO_NUL, Number
 from gateway_core.credits import MAX_GRANT
-from gateway_core.errors import InvalidRequestError, ValidationFailedError
-from gateway_core.jobs import mark_enqueued
+from gateway_core.errors import ValidationFailedError
 from gateway_core.live import request_reload
-from gateway_core.models import DeadLetter, Job
-from gateway_core.pricing import estimate
 from gateway_core.settings import Settings, config_path
 from gateway_tasks.publish import publish_dispatch
 from gateway_web.auth import SECURITY, require_scope
@@ -78,23 +76,6 @@ class DeadLetterPath(BaseModel):
     letter_id: int
 
 
-def replay_dead_letter(settings: Settings, letter_id: int) -> Job:
-    """Re-open a dead-lettered job (credits reserved again) and send it; the one way to replay."""
-    c = ctx()
-    with c.db.transaction() as s:
-        letter = s.get(DeadLetter, letter_id)
-        svc = settings.services.get(letter.service) if letter else None
-        if letter is not None and svc is None:
-            raise InvalidRequestError(f"service {letter.service} is no longer configured", code="SERVICE_REMOVED")
-        job = s.get(Job, letter.job_id) if letter else None
-        cost = estimate(svc, job.request, job.audio_seconds) if svc and job else 0
-        job = deadletters.replay(s, letter_id, cost)
-    if publish_dispatch(c.celery, job.id, job.service, priority=job.priority):
-        with c.db.transaction() as s:
-            mark_enqueued(s, job.id)
-    return job
-
-
 class ReloadOut(BaseModel):
     generation: int = Field(description="the config generation every process moves to within about a second")
     changes: list[str] = Field(description="what the new file changes, e.g. services.codegen.replicas")
@@ -134,7 +115,8 @@ def make_blueprint(app: JobgateOpenAPI) -> APIBlueprint:
     def replay(path: DeadLetterPath) -> tuple[Response, int]:
         """Replay a dead-lettered job: a new round of attempts on the same job id (credits reserved again)."""
         require_scope("admin")
-        job = replay_dead_letter(settings, path.letter_id)
+        c = ctx()
+        job = deadletters.replay_and_send(c.db, settings, functools.partial(publish_dispatch, c.celery), path.letter_id)
         out = job_out(job, with_events=False).model_dump(mode="json")
         del out["events"]
         return jsonify(out), 202

@@ -14,7 +14,7 @@ from gateway_core.admission import Admitted, JobInput, admit
 from gateway_core.audio import fetch_audio, measure_seconds
 from gateway_core.catalog import KINDS
 from gateway_core.errors import ServiceDisabledError, UnknownServiceError
-from gateway_core.jobs import get_job, mark_enqueued
+from gateway_core.jobs import get_job, send_committed
 from gateway_core.settings import Settings
 from gateway_core.states import TERMINAL
 from gateway_tasks.publish import publish_dispatch
@@ -69,9 +69,8 @@ def submit(service: str) -> tuple[Response, int, dict[str, str]]:
     headers = {"Location": job_link(job.id).self}
     if admitted.replayed:
         headers["Idempotent-Replayed"] = "true"
-    elif publish_dispatch(c.celery, job.id, service, priority=job.priority):  # after commit; else the sweeper
-        with c.db.transaction() as s:
-            mark_enqueued(s, job.id)
+    else:
+        send_committed(c.db, functools.partial(publish_dispatch, c.celery), job)
     if wait is not None:
         headers.update(applied(wait))
         out, ended = wait_for_end(job.id, wait, functools.partial(_read, job.id, tenant_id, with_events=False))

@@ -207,16 +207,20 @@ def dead_letters_list(service: str | None, limit: int) -> None:
 @click.argument("letter_id", type=int)
 def dead_letters_replay(letter_id: int) -> None:
     """Replay a dead letter: a new round of attempts on the same job id."""
-    from gateway_web.admin import replay_dead_letter
-    from gateway_web.app import create_app
+    import functools
+
+    from gateway_core.deadletters import replay_and_send
+    from gateway_tasks.celery_app import create_celery
+    from gateway_tasks.publish import publish_dispatch
 
     settings = _stack().settings
-    app = create_app(settings)
+    db = Database(settings.database_url)
     try:
-        with app.app_context():
-            job = replay_dead_letter(settings, letter_id)
+        job = replay_and_send(db, settings, functools.partial(publish_dispatch, create_celery(settings)), letter_id)
     except GatewayError as exc:
         raise click.ClickException(exc.message) from None
+    finally:
+        db.dispose()
     click.echo(f"job {job.id} is {job.state.value} again")
 
 

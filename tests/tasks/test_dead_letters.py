@@ -3,18 +3,21 @@ one throttled alert by email (a real local SMTP server) and by webhook; admins l
 
 from __future__ import annotations
 
+import subprocess
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import redis
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from gateway_core.models import CreditEntry, DeadLetter, Tenant
 from gateway_core.settings import Settings
 from gateway_core.states import JobState
 from gateway_core.tenants import create_api_key
 from tests.conftest import Inbox, TenantKey, make_tenant, wait_terminal
+from tests.procs import BIN
 
 S = JobState
 
@@ -113,6 +116,29 @@ def test_admin_replays_a_dead_letter_on_the_same_job_id(client: Any, worker: Any
         kinds = [e.kind for e in s.query(CreditEntry).filter_by(job_id=job_id).order_by(CreditEntry.id)]
     assert kinds == ["reserve", "release", "reserve", "release"]
     assert client.post("/v1/admin/dead-letters/999999/replay", headers=admin).status_code == 404
+
+
+def test_the_cli_replays_a_dead_letter(
+    client: Any, worker: Any, db: Any, tenant: TenantKey, worker_env: dict[str, str], tmp_path: Path
+) -> None:
+    job_id = client.post("/v1/jobs/codegen-down", headers=tenant.headers, json={"prompt": "by cli"}).json["id"]
+    assert wait_terminal(db, job_id, timeout=30).state == S.FAILED
+    with db.transaction() as s:
+        letter_id = s.scalars(select(DeadLetter.id).where(DeadLetter.job_id == job_id)).one()
+    done = subprocess.run(
+        [str(BIN / "jobgate"), "dead-letters", "replay", str(letter_id)],
+        env=worker_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == f"job {job_id} is QUEUED again"
+    # Sent to the broker by the command itself (QUEUED and committed when it returns): a worker takes it, and
+    # it fails for good once more after a fresh round of attempts.
+    job = wait_terminal(db, job_id, timeout=30)
+    assert [e.to_state for e in job.events].count(S.FAILED) == 2 and job.attempts == 3
 
 
 def test_a_service_with_no_healthy_replica_is_alerted(worker: Any, webhook_inbox: tuple[Inbox, str]) -> None:
