@@ -146,10 +146,14 @@ def transition(
     return moved
 
 
+CLOCK_SLACK = timedelta(seconds=1)
+
+
 def claimable(job: Job, now: datetime) -> bool:
     """A worker may take the job: it waits for balancing, or its worker's lease ran out."""
     if job.state == S.QUEUED:  # a retry waits for its time (a message may come early: redelivered, duplicated)
-        return job.next_attempt_at is None or job.next_attempt_at <= now
+        # A second of slack: the sweeper that sent it when due may run on a clock a little ahead of ours.
+        return job.next_attempt_at is None or job.next_attempt_at <= now + CLOCK_SLACK
     if job.state == S.HELD:
         return True
     return job.state in IN_FLIGHT and job.lease_expires_at is not None and job.lease_expires_at <= now
@@ -179,7 +183,14 @@ def send_committed(db: Database, dispatcher: Dispatcher, job: Job) -> bool:
     if not dispatcher(job.id, job.service, priority=job.priority):
         return False
     with db.transaction() as s:
-        mark_enqueued(s, job.id)
+        # Only if the job is still as it was sent: a worker may have run it, failed, and scheduled a retry
+        # (enqueued_at NULL, for the sweeper to send) before this mark lands.
+        s.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.state == S.QUEUED, Job.attempts == job.attempts, Job.enqueued_at.is_(None))
+            .values(enqueued_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
     return True
 
 
@@ -230,7 +241,11 @@ def jobs_to_resend(
                 ),
                 (Job.state == S.HELD)
                 & (Job.next_attempt_at <= now)
-                & (Job.enqueued_at.is_(None) | (Job.enqueued_at < Job.next_attempt_at)),
+                & (
+                    Job.enqueued_at.is_(None)
+                    | (Job.enqueued_at < Job.next_attempt_at)
+                    | (Job.enqueued_at < resent_before)  # that message was dropped (its task gave up)
+                ),
             )
         )
         .order_by(Job.updated_at)

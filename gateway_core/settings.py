@@ -194,8 +194,6 @@ class GatewayConfig(_Strict):
     sweep_interval_seconds: float = Field(default=1.0, gt=0, le=600)
     sweep_unsent_after_seconds: float = Field(default=10.0, ge=0, le=3600)
     lease_margin_seconds: float = Field(default=15.0, ge=1, le=3600)
-    # How long a worker holding a replica's answer keeps trying to record it while PostgreSQL is away.
-    record_retry_seconds: float = Field(default=120.0, ge=0, le=3600)
     publish_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
     # A held job is retried after this long (doubling up to hold_retry_max_seconds), from PostgreSQL by beat.
     hold_retry_seconds: float = Field(default=1.0, gt=0, le=600)

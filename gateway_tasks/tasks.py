@@ -54,7 +54,7 @@ def _ctx(task: Task) -> WorkerContext:
     bind=True,
     name=DISPATCH_TASK,
     # Only infrastructure blips are retried by Celery; replica failures are the job's own attempts.
-    autoretry_for=(OperationalError, redis.ConnectionError),
+    autoretry_for=(OperationalError, InterfaceError, PoolTimeoutError, redis.ConnectionError, redis.TimeoutError),
     retry_backoff=True,
     retry_backoff_max=20,
     max_retries=8,
@@ -103,7 +103,7 @@ def _dispatch(self: Task, ctx: WorkerContext, job_id: str) -> str:
                 _feed_circuit(self, ctx, name, replica.name, ok=False, latency=latency)
     finally:
         _release(ctx, name, replica, token)
-    return _record(self, ctx, job_id, claim.svc, claim.attempt, outcome)
+    return _record(self, ctx, job_id, claim.svc, claim.attempt, outcome, claim.lease_ends)
 
 
 def _release(ctx: WorkerContext, service: str, replica: ReplicaConfig, token: str | None) -> None:
@@ -272,6 +272,7 @@ class _Claimed:
     attempt: int
     payload: dict[str, Any]
     timeout: float
+    lease_ends: float  # time.monotonic() when the job's lease runs out
 
 
 def _take(
@@ -311,11 +312,12 @@ def _take(
     left = lifecycle.deadline_left(processing, svc.deadline_seconds, started)
     timeout = replica.timeout if left is None else max(0.1, min(replica.timeout, left))
     payload = build_payload(processing, svc.kind)
-    return _Claimed(processing.service, svc, replica, token, attempt, payload, timeout)
+    lease_ends = time.monotonic() + replica.timeout + margin - (utcnow() - now).total_seconds()
+    return _Claimed(processing.service, svc, replica, token, attempt, payload, timeout, lease_ends)
 
 
 # PostgreSQL or Redis away for a moment (a restart, a failover, a dropped connection, an exhausted pool).
-TRANSIENT_ERRORS = (OperationalError, InterfaceError, PoolTimeoutError, redis.ConnectionError)
+TRANSIENT_ERRORS = (OperationalError, InterfaceError, PoolTimeoutError, redis.ConnectionError, redis.TimeoutError)
 
 
 def _record(
@@ -325,13 +327,15 @@ def _record(
     svc: ServiceConfig,
     attempt: int,
     outcome: dict[str, Any] | ReplicaError,
+    lease_ends: float,
 ) -> str:
     """Record one attempt's outcome. The replica has answered, so a database or Redis that is away is waited
-    for here, the answer kept in memory, for up to ``record_retry_seconds``: retrying the task instead would
-    find the job PROCESSING under its lease and leave it to be run again. An outcome that cannot be recorded
+    for here, the answer kept in memory, until the job's lease runs out (past it another worker may take the
+    job over): retrying the task instead would find the job PROCESSING under its lease and leave it to be run
+    again. An outcome that cannot be recorded
     for any other reason fails the job (credits released, dead-lettered, alerted) instead of leaving it
     PROCESSING for every later attempt to trip on."""
-    give_up = time.monotonic() + ctx.settings.gateway.record_retry_seconds
+    give_up = lease_ends
     pause = 0.2
     while True:
         try:

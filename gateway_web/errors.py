@@ -9,6 +9,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException
 
 from gateway_core.errors import GatewayError
@@ -106,9 +107,10 @@ def register_error_handlers(app: Flask) -> None:
                 pass
         return resp
 
+    @app.errorhandler(PoolTimeoutError)
     @app.errorhandler(OperationalError)
-    def _database_down(exc: OperationalError) -> Response:
-        log.warning("database unavailable: %s", exc.orig)
+    def _database_down(exc: OperationalError | PoolTimeoutError) -> Response:
+        log.warning("database unavailable: %s", getattr(exc, "orig", exc))
         resp = error_response(503, "DATABASE_UNAVAILABLE", "the database is unavailable; retry shortly")
         resp.headers["Retry-After"] = "1"
         return resp

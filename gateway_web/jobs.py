@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 from flask import Response, jsonify
 from flask_openapi3 import APIBlueprint, Tag
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from gateway_core import lifecycle
 from gateway_core.admission import Admitted, JobInput, admit
@@ -27,6 +29,8 @@ from gateway_web.openapi import JobgateOpenAPI, TranscribeUpload
 from gateway_web.schemas import JobAccepted, JobOut, JobPath, JobQuery, ServicePath, job_link, job_out
 from gateway_web.submission import JSON, MULTIPART, Submission, parse_submission
 from gateway_web.waits import applied, preferred_wait, wait_for_end
+
+log = logging.getLogger(__name__)
 
 TAG = Tag(name="jobs", description="Submit inference jobs, read their state and result, cancel them")
 ERRORS: dict[str | int, Any] = {401: ErrorEnvelope, 404: ErrorEnvelope, 429: ErrorEnvelope}
@@ -73,7 +77,11 @@ def submit(service: str) -> tuple[Response, int, dict[str, str]]:
         send_committed(c.db, functools.partial(publish_dispatch, c.celery), job)
     if wait is not None:
         headers.update(applied(wait))
-        out, ended = wait_for_end(job.id, wait, functools.partial(_read, job.id, tenant_id, with_events=False))
+        try:
+            out, ended = wait_for_end(job.id, wait, functools.partial(_read, job.id, tenant_id, with_events=False))
+        except (OperationalError, PoolTimeoutError) as exc:  # accepted all the same: answer the 202, not an error
+            log.warning("wait on job %s cut short: %s", job.id, exc)
+            ended = False
         if ended:  # within the wait: the job itself, result or error included
             return jsonify(out), 200, headers
     body = JobAccepted(id=job.id, status=job.state, service=service, created_at=job.created_at, links=job_link(job.id))

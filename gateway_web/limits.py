@@ -192,9 +192,10 @@ def make_limiter(app: Flask, settings: Settings) -> Limiter:
         key_prefix=KEY_PREFIX,
         headers_enabled=False,  # set below in the IETF RateLimit-* form
         in_memory_fallback_enabled=rl.in_memory_fallback,
-        # A request whose storage call fails just after another one switched this process to the in-memory
-        # fallback is let through (logged) rather than answered 500: many requests in flight fail together.
-        swallow_errors=True,
+        # With the in-memory fallback on, a request whose storage call fails just after another one switched
+        # this process to the fallback is let through (logged) rather than answered 500: many requests in
+        # flight fail together. With it off, Redis being away stays an error.
+        swallow_errors=rl.in_memory_fallback,
         enabled=rl.enabled,
     )
     limiter.init_app(app)

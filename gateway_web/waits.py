@@ -15,6 +15,7 @@ from gateway_web.context import ctx
 
 HEADER = "Prefer"
 MAX_WAIT_SECONDS = 60
+_SECONDS = re.compile(r"[0-9]{1,2}")  # ASCII digits only: str.isdigit() takes '²', which int() refuses
 _WAIT = re.compile(r"^\s*wait\s*=\s*(?P<value>[^\s;]*)\s*(;.*)?$", re.IGNORECASE)
 
 T = TypeVar("T")
@@ -28,7 +29,7 @@ def preferred_wait() -> int | None:
             if match is None:
                 continue
             value = match["value"].strip('"')
-            if not value.isdigit() or not 1 <= int(value) <= MAX_WAIT_SECONDS:
+            if not _SECONDS.fullmatch(value) or not 1 <= int(value) <= MAX_WAIT_SECONDS:
                 raise InvalidRequestError(
                     f"Prefer: wait must be a whole number of seconds from 1 to {MAX_WAIT_SECONDS}",
                     code="INVALID_PREFER_WAIT",

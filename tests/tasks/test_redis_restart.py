@@ -1,7 +1,6 @@
 """Redis killed and restarted empty while a dispatch worker is busy and a backlog waits: every accepted job still
 ends, each run once at its replica, no credits stay reserved, and the same worker keeps consuming. A stack of its
-own (database, Redis, replica, workers), so that nothing else of the session is disturbed. With
-JOBGATE_TEST_BROKER=rabbitmq the broker stays RabbitMQ and Redis holds the gateway's state alone."""
+own (database, Redis as broker and state, replica, workers), so that nothing else of the session is disturbed."""
 
 from __future__ import annotations
 
@@ -54,7 +53,7 @@ class Stack:
 
 
 @pytest.fixture()
-def stack(redis_urls: dict[str, str], tmp_path: Path) -> Iterator[Stack]:
+def stack(tmp_path: Path) -> Iterator[Stack]:
     name = f"jobgate_test_{uuid.uuid4().hex[:8]}"
     admin = admin_pg()
     admin.cursor().execute(f'CREATE DATABASE "{name}"')
@@ -68,7 +67,7 @@ def stack(redis_urls: dict[str, str], tmp_path: Path) -> Iterator[Stack]:
         replica, url = start_replica(tmp_path, "codegen", "restart", latency_ms=1500)
         procs.append(replica)
         private = f"redis://127.0.0.1:{port}"
-        broker = redis_urls["broker"] if redis_urls["broker"].startswith("amqp") else f"{private}/1"
+        broker = f"{private}/1"  # its own broker too: nothing (queues, beat, maintenance) shared with the session
         config = {
             "database_url": database_url,
             "redis_url": f"{private}/0",

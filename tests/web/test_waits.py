@@ -54,7 +54,7 @@ def test_a_wait_that_runs_out_answers_with_the_job_as_it_stands(client: Any, wor
     client.delete(resp.headers["Location"], headers=tenant.headers)  # frees the tenant's slot and credits
 
 
-@pytest.mark.parametrize("value", ["0", "61", "abc", "1.5", ""])
+@pytest.mark.parametrize("value", ["0", "61", "abc", "1.5", "", "\u00b2", "007"])
 def test_a_bad_wait_is_a_400_and_no_job_is_created(client: Any, worker: Any, db: Any, value: str) -> None:
     tenant = make_tenant(db)
     resp = client.post("/v1/jobs/codegen", headers={**tenant.headers, "Prefer": f"wait={value}"}, json={"prompt": "x"})
