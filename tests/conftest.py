@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,27 +47,46 @@ REVIVE_PORT = free_port()
 CHAOS_PORT = free_port()  # tests/tasks/test_chaos.py kills and restarts the replica "chaos" on it
 
 
+# Timings short enough for tests to see redeliveries, sweeps, leases and holds within seconds.
+FAST_GATEWAY: dict[str, Any] = {
+    "visibility_timeout_seconds": 10,
+    "sweep_interval_seconds": 1,
+    "sweep_unsent_after_seconds": 1,
+    "lease_margin_seconds": 3,
+    "hold_retry_seconds": 0.5,
+    "hold_retry_max_seconds": 1,
+}
+
+
 def admin_pg() -> Any:
     conn = psycopg2.connect(PG.replace("postgresql+psycopg2", "postgresql") + "/postgres")
     conn.autocommit = True
     return conn
 
 
-@pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
-    """A fresh PostgreSQL database migrated to head by Alembic, dropped at the end."""
+@contextmanager
+def scratch_database() -> Iterator[str]:
+    """A fresh PostgreSQL database migrated to head by Alembic; its URL, and the database dropped at the end."""
     name = f"jobgate_test_{uuid.uuid4().hex[:8]}"
     admin = admin_pg()
     admin.cursor().execute(f'CREATE DATABASE "{name}"')
     url = f"{PG}/{name}"
-    upgrade(url)
-    yield url
-    admin.cursor().execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-        (name,),
-    )
-    admin.cursor().execute(f'DROP DATABASE IF EXISTS "{name}"')
-    admin.close()
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        admin.cursor().execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        )
+        admin.cursor().execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    with scratch_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -203,12 +223,7 @@ def config_file(
         "gateway": {
             "max_body_bytes": 256 * 1024,
             "allow_private_audio_urls": True,
-            "visibility_timeout_seconds": 10,
-            "sweep_interval_seconds": 1,
-            "sweep_unsent_after_seconds": 1,
-            "lease_margin_seconds": 3,
-            "hold_retry_seconds": 0.5,
-            "hold_retry_max_seconds": 1,
+            **FAST_GATEWAY,
             # Breakers stay out of the way of tests about other things; codegen-circuit sets its own.
             "circuit": {"failure_threshold": 1000, "error_rate_threshold": None, "cooldown_seconds": 5},
             "health": {"interval_seconds": 0.5, "timeout_seconds": 1, "unhealthy_threshold": 3, "healthy_threshold": 2},

@@ -12,7 +12,7 @@ import redis
 from sqlalchemy import update
 
 from gateway_core import lifecycle
-from gateway_core.jobs import create_job, jobs_to_resend, mark_enqueued, transition
+from gateway_core.jobs import create_job, jobs_to_resend, mark_enqueued, send_committed, transition
 from gateway_core.models import Job, utcnow
 from gateway_core.settings import Settings
 from gateway_core.states import JobState
@@ -72,6 +72,24 @@ def test_a_retry_waits_in_the_database_and_the_sweeper_sends_it_when_due(
         s.execute(update(Job).where(Job.id == job_id).values(next_attempt_at=utcnow()))
     job = wait_terminal(db, job_id)
     assert job.state == S.FAILED and job.error_code == "ALL_ATTEMPTS_FAILED" and job.attempts == 2
+
+
+def test_a_late_sent_mark_does_not_hide_a_retry_already_scheduled(tenant: TenantKey, db: Any) -> None:
+    """The web marks a job sent after publishing; a worker may have run it, failed and scheduled a retry first."""
+    with db.transaction() as s:
+        sent = create_job(s, tenant_id=tenant.tenant_id, service="codegen", request={"prompt": "x"})
+    with db.transaction() as s:  # the worker's attempt fails before the web's mark lands
+        job = s.get(Job, sent.id)
+        job = transition(s, job, S.DISPATCHED, replica="codegen-a", attempt=1)
+        job = transition(s, job, S.PROCESSING)
+        now = utcnow()
+        transition(s, job, S.QUEUED, values={"enqueued_at": None, "next_attempt_at": now})
+    assert send_committed(db, lambda job_id, service, *, priority: True, sent)
+    with db.transaction() as s:
+        job = s.get(Job, sent.id)
+        assert job.enqueued_at is None  # still the sweeper's to send
+        due = jobs_to_resend(s, unsent_before=now, resent_before=now, now=now + timedelta(seconds=1))
+        assert sent.id in [j.id for j in due]
 
 
 def test_all_replicas_failing_ends_in_failed_with_every_attempt(

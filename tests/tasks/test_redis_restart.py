@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +18,11 @@ import yaml
 from sqlalchemy import func, select
 
 from gateway_core.db import Database
-from gateway_core.migrate import upgrade
 from gateway_core.models import Job, Tenant
 from gateway_core.settings import Settings, load_settings
 from gateway_core.states import TERMINAL, JobState
 from gateway_web import create_app
-from tests.conftest import PG, TenantKey, admin_pg, assert_ledger_invariants, make_tenant, until
+from tests.conftest import FAST_GATEWAY, TenantKey, assert_ledger_invariants, make_tenant, scratch_database, until
 from tests.procs import Proc, free_port, start_replica, start_worker
 
 S = JobState
@@ -54,59 +52,40 @@ class Stack:
 
 @pytest.fixture()
 def stack(tmp_path: Path) -> Iterator[Stack]:
-    name = f"jobgate_test_{uuid.uuid4().hex[:8]}"
-    admin = admin_pg()
-    admin.cursor().execute(f'CREATE DATABASE "{name}"')
-    database_url = f"{PG}/{name}"
     procs: list[Proc] = []
-    db = Database(database_url)
-    try:
-        upgrade(database_url)
-        port = free_port()
-        procs.append(_redis_server(port, tmp_path / "redis-0.log"))
-        replica, url = start_replica(tmp_path, "codegen", "restart", latency_ms=1500)
-        procs.append(replica)
-        private = f"redis://127.0.0.1:{port}"
-        broker = f"{private}/1"  # its own broker too: nothing (queues, beat, maintenance) shared with the session
-        config = {
-            "database_url": database_url,
-            "redis_url": f"{private}/0",
-            "broker_url": broker,
-            "gateway": {
-                "visibility_timeout_seconds": 10,
-                "sweep_interval_seconds": 1,
-                "sweep_unsent_after_seconds": 1,
-                "lease_margin_seconds": 3,
-                "hold_retry_seconds": 0.5,
-                "hold_retry_max_seconds": 1,
-                "health": {"interval_seconds": 0.5, "timeout_seconds": 1},
-            },
-            "services": {
-                "codegen": {
-                    "kind": "codegen",
-                    "queue": QUEUE,
-                    "max_attempts": 3,
-                    "retry_schedule_seconds": [0.2, 0.5],
-                    "replicas": [{"name": "restart", "url": url, "max_concurrency": 8, "timeout": 10}],
-                }
-            },
-        }
-        path = tmp_path / "gateway.yaml"
-        path.write_text(yaml.safe_dump(config))
-        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL")}
-        env["JOBGATE_CONFIG"] = str(path)
-        settings = load_settings(path, environ={})
-        yield Stack(settings, db, env, url, port, tmp_path, procs)
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
-        db.dispose()
-        admin.cursor().execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-            (name,),
-        )
-        admin.cursor().execute(f'DROP DATABASE IF EXISTS "{name}"')
-        admin.close()
+    with scratch_database() as database_url:
+        db = Database(database_url)
+        try:
+            port = free_port()
+            procs.append(_redis_server(port, tmp_path / "redis-0.log"))
+            replica, url = start_replica(tmp_path, "codegen", "restart", latency_ms=1500)
+            procs.append(replica)
+            private = f"redis://127.0.0.1:{port}"
+            config = {
+                "database_url": database_url,
+                "redis_url": f"{private}/0",
+                # Its own broker too: nothing (queues, beat, maintenance) is shared with the session.
+                "broker_url": f"{private}/1",
+                "gateway": {**FAST_GATEWAY, "health": {"interval_seconds": 0.5, "timeout_seconds": 1}},
+                "services": {
+                    "codegen": {
+                        "kind": "codegen",
+                        "queue": QUEUE,
+                        "max_attempts": 3,
+                        "retry_schedule_seconds": [0.2, 0.5],
+                        "replicas": [{"name": "restart", "url": url, "max_concurrency": 8, "timeout": 10}],
+                    }
+                },
+            }
+            path = tmp_path / "gateway.yaml"
+            path.write_text(yaml.safe_dump(config))
+            env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL")}
+            env["JOBGATE_CONFIG"] = str(path)
+            yield Stack(load_settings(path, environ={}), db, env, url, port, tmp_path, procs)
+        finally:
+            for proc in reversed(procs):
+                proc.stop()
+            db.dispose()
 
 
 def _count(db: Database, *states: JobState) -> int:
