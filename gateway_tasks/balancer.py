@@ -1,4 +1,4 @@
-"""Choosing a replica (issue 4, item 2): in rotation (healthy, circuit not open), below max_concurrency,
+"""Choosing a replica: in rotation (healthy, circuit not open), below max_concurrency,
 ordered by the service's strategy (gateway_tasks.strategies), with zone preference layered on top: when
 the worker has a zone (gateway.zone), replicas in that zone come first and the others serve only when no
 local one can take the job. Replicas that already failed this job come after all that have not."""
@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 
 import redis
 
-from gateway_core.settings import ReplicaConfig, ServiceConfig
+from gateway_core.dispatch import Full, Pick, Slot, Unavailable
+from gateway_core.models import Job
+from gateway_core.settings import ReplicaConfig, ServiceConfig, Settings
 from gateway_tasks import strategies
 from gateway_tasks.registry import Registry, ReplicaState
 
@@ -105,3 +107,49 @@ def choose(
                 return Choice(rep, token)
             reasons[rep.name] = "full"
     return Choice(None, reasons=reasons)
+
+
+class ReplicaChooser:
+    """The dispatch's chooser (gateway_core.dispatch.Chooser) over the shared replica state in Redis."""
+
+    def __init__(self, registry: Registry, settings: Settings):
+        self.registry = registry
+        self.settings = settings
+
+    def pick(self, job: Job, svc: ServiceConfig, *, token: str, lease_seconds: float, avoid: set[str]) -> Pick:
+        choice = choose(
+            self.registry,
+            job.service,
+            svc,
+            token=token,
+            lease_seconds=lease_seconds,
+            avoid=avoid,
+            cooldown=self.settings.circuit_for(job.service).cooldown_seconds,
+            key=str(job.tenant_id),
+            zone=self.settings.gateway.zone,
+        )
+        if choice.replica is not None:
+            return Slot(choice.replica, choice.token)
+        return Full() if choice.busy else Unavailable(choice.reasons)
+
+    def in_rotation(self, service: str, svc: ServiceConfig, avoid: set[str]) -> list[ReplicaConfig]:
+        return in_rotation(
+            self.registry,
+            service,
+            svc,
+            avoid=avoid,
+            cooldown=self.settings.circuit_for(service).cooldown_seconds,
+            zone=self.settings.gateway.zone,
+        )
+
+    def release(self, service: str, slot: Slot) -> None:
+        """Free the slot (the first job waiting for one takes it). A slot Redis cannot free now frees itself
+        when its lease runs out, and must not cost the job its outcome."""
+        if slot.token is None:
+            return
+        try:
+            self.registry.release(service, slot.replica, slot.token, time.time())
+        except redis.RedisError as exc:
+            log.warning(
+                "slot of %s/%s not released (%s); it frees itself at its lease's end", service, slot.replica.name, exc
+            )

@@ -11,29 +11,27 @@ import gevent
 import httpx
 from celery.exceptions import SoftTimeLimitExceeded
 
-from gateway_core.models import Job
+from gateway_core.dispatch import Answer, AttemptFailed, Claimed
 from gateway_core.settings import ReplicaConfig
 from gateway_tasks.pool import gevent_active
 
 
 @dataclass(frozen=True)
-class ReplicaError(Exception):
-    """A failed attempt: ``retriable`` ones send the job to another replica, the rest fail it."""
-
-    code: str
-    message: str
-    retriable: bool
-    status: int | None = None
+class ReplicaError(AttemptFailed, Exception):
+    """A failed call, raised where it happens and recorded as the attempt's failure."""
 
 
-def build_payload(job: Job, kind: str) -> dict[str, Any]:
-    payload: dict[str, Any] = {"job_id": job.id, "service": job.service, "kind": kind, "input": job.request}
-    # The upload is a deferred column: read only for a job that carries one (its length is measured at submit).
-    if job.audio_seconds is not None and job.input_data is not None:
-        payload["audio"] = {
-            "content_type": job.input_content_type or "application/octet-stream",
-            "data_base64": base64.b64encode(job.input_data).decode(),
-        }
+def build_payload(claimed: Claimed) -> dict[str, Any]:
+    """The body of ``POST /v1/process`` for a claimed job."""
+    payload: dict[str, Any] = {
+        "job_id": claimed.job_id,
+        "service": claimed.service,
+        "kind": claimed.svc.kind,
+        "input": claimed.request,
+    }
+    if claimed.audio is not None:
+        media, data = claimed.audio
+        payload["audio"] = {"content_type": media, "data_base64": base64.b64encode(data).decode()}
     return payload
 
 
@@ -51,9 +49,9 @@ def _no_constant(name: str) -> Any:
 
 def call_replica(
     http: httpx.Client, replica: ReplicaConfig, payload: dict[str, Any], *, timeout: float | None = None
-) -> dict[str, Any]:
+) -> Answer:
     """POST the job to the replica, allowing ``timeout`` seconds (the replica's own by default);
-    its JSON answer ({output, usage}) or a ReplicaError."""
+    its answer ({output, usage}) or a ReplicaError."""
     seconds = replica.timeout if timeout is None else timeout
     late = ReplicaError("REPLICA_TIMEOUT", f"no answer within {seconds:g} s", retriable=True)
     # httpx's timeout bounds each read, not the whole answer (a replica trickling bytes would outlast it);
@@ -94,4 +92,4 @@ def call_replica(
             retriable=True,
             status=resp.status_code,
         )
-    return body
+    return Answer(body["output"], body.get("usage") or {})
