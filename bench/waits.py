@@ -1,6 +1,6 @@
 """Prefer: wait on one web instance (gunicorn, one gevent worker, as `jobgate up` runs it): held waits and overhead.
 
-    .venv/bin/python -m bench.waits [--held 1000] [--hold-seconds 15] [--overhead-samples 200]
+    .venv/bin/python -m bench.waits [--held 1000] [--hold-seconds 15] [--overhead-samples 200] [--overhead-only]
 
 Held: N jobs go to replicas that answer after --hold-seconds (N slots in all, one dispatch worker), then N
 clients each read their job with `Prefer: wait=60`, all at once. The web process's resident memory before the
@@ -12,7 +12,7 @@ answer: the web's own wake-up and read.
 Overhead: one client, one request at a time, alternating: POST straight to a replica answering at once, and
 POST /v1/jobs/<service> with `Prefer: wait=10` through the gateway to that replica (admission, broker, worker,
 database, the word that the job ended, the read). Overhead = the difference of medians, and of p99s (targets
-<= 4 ms and <= 15 ms).
+<= 4 ms and <= 15 ms), and the median of each stage of a job's path, from the timestamps the gateway records.
 
 Uses this machine's PostgreSQL (a scratch database) and Redis (db 9 for state, 10 for the broker). Prints a
 table, writes bench/results/waits.json.
@@ -110,11 +110,62 @@ def _listen_for_ends(url: str) -> dict[str, float]:
     return heard
 
 
+# Where a job's time goes, from the timestamps the gateway writes: the job row's created_at (admission, in the
+# web), its DISPATCHED event (the worker's claim) and finished_at (the worker's record of the answer).
+STAGES = {
+    "request -> admitted (web: parse, auth, limits, admission)": "admitted",
+    "admitted -> claimed (commit, publish, mark sent, broker, worker receives and claims)": "claimed",
+    "claimed -> recorded (the replica call, recording the answer and the ledger)": "recorded",
+    "recorded -> answered (commit, announce, web wakes, reads, responds)": "answered",
+}
+
+
+def _stages(db: Database, spans: list[tuple[str, float, float]]) -> dict[str, float]:
+    """Median milliseconds of each stage of the sequential jobs."""
+    with db.transaction() as s:
+        jobs = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_([job_id for job_id, _, _ in spans])))}
+        parts: dict[str, list[float]] = {key: [] for key in STAGES.values()}
+        for job_id, sent_at, answered_at in spans:
+            job = jobs[job_id]
+            claimed = next(e.at for e in job.events if e.to_state == "DISPATCHED").timestamp()
+            marks = [sent_at, job.created_at.timestamp(), claimed, job.finished_at.timestamp(), answered_at]
+            for key, before, after in zip(STAGES.values(), marks, marks[1:], strict=False):
+                parts[key].append((after - before) * 1000)
+    return {key: round(statistics.median(values), 2) for key, values in parts.items()}
+
+
+def _overhead(direct: list[float], gateway: list[float]) -> dict[str, Any]:
+    return {
+        "samples": len(direct),
+        "direct_median_ms": round(statistics.median(direct), 2),
+        "direct_p99_ms": round(_pct(direct, 0.99), 2),
+        "gateway_median_ms": round(statistics.median(gateway), 2),
+        "gateway_p99_ms": round(_pct(gateway, 0.99), 2),
+        "overhead_median_ms": round(statistics.median(gateway) - statistics.median(direct), 2),
+        "overhead_p99_ms": round(_pct(gateway, 0.99) - _pct(direct, 0.99), 2),
+    }
+
+
+def _print_overhead(o: dict[str, Any], stages: dict[str, float]) -> None:
+    print(f"\nPrefer: wait, one gunicorn gevent worker ({os.cpu_count()} cores)")
+    print(f"overhead over {o['samples']} sequential jobs (ms): direct to the replica vs through the gateway")
+    print(f"{'':>10} {'direct':>8} {'gateway':>8} {'overhead':>9} {'target':>7}")
+    for row, target in (("median", 4), ("p99", 15)):
+        print(
+            f"{row:>10} {o[f'direct_{row}_ms']:>8.2f} {o[f'gateway_{row}_ms']:>8.2f} "
+            f"{o[f'overhead_{row}_ms']:>9.2f} {target:>7}"
+        )
+    print("\nwhere a job's time goes (median ms)")
+    for label, key in STAGES.items():
+        print(f"{stages[key]:>8.2f}  {label}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--held", type=int, default=1000)
     ap.add_argument("--hold-seconds", type=float, default=15.0)
     ap.add_argument("--overhead-samples", type=int, default=200)
+    ap.add_argument("--overhead-only", action="store_true", help="measure the overhead alone; nothing is written")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "waits.json")
     args = ap.parse_args()
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"jobgate-waits-{uuid.uuid4().hex[:6]}"
@@ -198,6 +249,7 @@ def main() -> int:
         # Overhead first, on a quiet stack.
         body = {"prompt": "write a function that reverses a list"}
         direct, gateway = [], []
+        spans: list[tuple[str, float, float]] = []  # (job id, sent, answered) in epoch seconds
         with httpx.Client(timeout=30) as client:
             for i in range(args.overhead_samples + 20):  # the first 20 warm up connections and caches
                 started = time.perf_counter()
@@ -207,13 +259,18 @@ def main() -> int:
                 )
                 took_direct = time.perf_counter() - started
                 assert resp.status_code == 200, resp.text
-                started = time.perf_counter()
+                sent_at, started = time.time(), time.perf_counter()
                 resp = client.post(f"{base}/v1/jobs/fast", headers={**headers, "Prefer": "wait=10"}, json=body)
                 took_gateway = time.perf_counter() - started
                 assert resp.status_code == 200 and resp.json()["status"] == "SUCCEEDED", resp.text
                 if i >= 20:
                     direct.append(took_direct * 1000)
                     gateway.append(took_gateway * 1000)
+                    spans.append((resp.json()["id"], sent_at, sent_at + took_gateway))
+        stages = _stages(db, spans)
+        if args.overhead_only:
+            _print_overhead(_overhead(direct, gateway), stages)
+            return 0
 
         # Held waits.
         idle_rss = web.memory_info().rss
@@ -232,15 +289,8 @@ def main() -> int:
         delays = [(answers[j][0] - ends[j].timestamp()) * 1000 for j in ids if ends.get(j) is not None]
         wakes = [(answers[j][0] - announced[j]) * 1000 for j in ids if j in announced]
         result = {
-            "overhead": {
-                "samples": len(direct),
-                "direct_median_ms": round(statistics.median(direct), 2),
-                "direct_p99_ms": round(_pct(direct, 0.99), 2),
-                "gateway_median_ms": round(statistics.median(gateway), 2),
-                "gateway_p99_ms": round(_pct(gateway, 0.99), 2),
-                "overhead_median_ms": round(statistics.median(gateway) - statistics.median(direct), 2),
-                "overhead_p99_ms": round(_pct(gateway, 0.99) - _pct(direct, 0.99), 2),
-            },
+            "overhead": _overhead(direct, gateway),
+            "stages_median_ms": stages,
             "held": {
                 "requests": args.held,
                 "answered_succeeded": ok,
@@ -257,15 +307,8 @@ def main() -> int:
                 "waits_started_after_submit_s": round(min(a[0] for a in answers.values()) - submitted, 1),
             },
         }
-        o, h = result["overhead"], result["held"]
-        print(f"\nPrefer: wait, one gunicorn gevent worker ({os.cpu_count()} cores)")
-        print(f"overhead over {o['samples']} sequential jobs (ms): direct to the replica vs through the gateway")
-        print(f"{'':>10} {'direct':>8} {'gateway':>8} {'overhead':>9} {'target':>7}")
-        for row, target in (("median", 4), ("p99", 15)):
-            print(
-                f"{row:>10} {o[f'direct_{row}_ms']:>8.2f} {o[f'gateway_{row}_ms']:>8.2f} "
-                f"{o[f'overhead_{row}_ms']:>9.2f} {target:>7}"
-            )
+        h = result["held"]
+        _print_overhead(result["overhead"], stages)
         print(f"\nheld: {h['requests']} waits at once")
         print(
             f"{'answered ok':>12} {'conns held':>11} {'idle MB':>8} {'peak MB':>8} {'KB/wait':>8} "

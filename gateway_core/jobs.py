@@ -12,7 +12,7 @@ from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Table, bindparam, false, insert, or_, select, update
+from sqlalchemy import Table, bindparam, false, insert, or_, select, true, update
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from gateway_core.db import Database, Writes, insert_rows, note_ended, write_together
@@ -208,20 +208,25 @@ def jobs_to_resend(
     session: Session,
     *,
     unsent_before: datetime,
-    resent_before: datetime,
     now: datetime,
+    lost_before: datetime | None = None,
     idle_services: Collection[str] = (),
+    in_hand: Collection[str] = (),
     limit: int = 500,
 ) -> list[Job]:
     """Jobs no message is driving, locked (SKIP LOCKED) for the caller to send and mark in its transaction:
-    committed but never handed to the broker; QUEUED for a retry whose time has come; sent before
-    ``resent_before`` but still QUEUED while their service's queue holds nothing (``idle_services``: the
-    broker lost the message, say a Redis restarted without persistence); in flight with their worker's lease
-    run out (once per lease: again only if that message too is older than ``resent_before``); HELD and due
-    for another try."""
+    committed but never handed to the broker; QUEUED for a retry whose time has come; in flight with their
+    worker's lease run out; HELD and due for another try. And, when ``lost_before`` is given, jobs whose message
+    was lost: sent before ``lost_before``, held by no live worker (``in_hand``), and nothing since — QUEUED while
+    their service's queue holds nothing (``idle_services``: a queue with messages may just be long), or in flight
+    or HELD with that message sent after their lease ran out or their try came due."""
     lost: Any = false()
-    if idle_services:
-        lost = (Job.state == S.QUEUED) & (Job.enqueued_at < resent_before) & Job.service.in_(list(idle_services))
+    dropped: Any = false()
+    if lost_before is not None:
+        unheld = Job.id.not_in(list(in_hand)) if in_hand else true()
+        dropped = (Job.enqueued_at < lost_before) & unheld
+        if idle_services:
+            lost = (Job.state == S.QUEUED) & Job.service.in_(list(idle_services)) & dropped
     stmt = (
         select(Job)
         .where(
@@ -234,18 +239,10 @@ def jobs_to_resend(
                 lost,
                 Job.state.in_(list(IN_FLIGHT))
                 & (Job.lease_expires_at < now)
-                & (
-                    Job.enqueued_at.is_(None)
-                    | (Job.enqueued_at < Job.lease_expires_at)
-                    | (Job.enqueued_at < resent_before)
-                ),
+                & (Job.enqueued_at.is_(None) | (Job.enqueued_at < Job.lease_expires_at) | dropped),
                 (Job.state == S.HELD)
                 & (Job.next_attempt_at <= now)
-                & (
-                    Job.enqueued_at.is_(None)
-                    | (Job.enqueued_at < Job.next_attempt_at)
-                    | (Job.enqueued_at < resent_before)  # that message was dropped (its task gave up)
-                ),
+                & (Job.enqueued_at.is_(None) | (Job.enqueued_at < Job.next_attempt_at) | dropped),
             )
         )
         .order_by(Job.updated_at)

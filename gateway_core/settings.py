@@ -193,6 +193,13 @@ class GatewayConfig(_Strict):
     # may be sent.
     sweep_interval_seconds: float = Field(default=1.0, gt=0, le=600)
     sweep_unsent_after_seconds: float = Field(default=10.0, ge=0, le=3600)
+    resend_lost_after_seconds: float = Field(
+        default=30.0,
+        ge=1,
+        le=3600,
+        description="a job sent this long ago and not moved since, whose message no live worker holds while its "
+        "queue is empty, lost its message: it is sent again",
+    )
     lease_margin_seconds: float = Field(default=15.0, ge=1, le=3600)
     publish_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
     # A held job is retried after this long (doubling up to hold_retry_max_seconds), from PostgreSQL by beat.

@@ -12,6 +12,8 @@ import httpx
 import redis
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 import celeryconfig
 from gateway_core.db import Database
@@ -19,6 +21,7 @@ from gateway_core.live import LiveSettings, request_reload
 from gateway_core.settings import Settings
 from gateway_tasks.ended import announcer
 from gateway_tasks.fanout import Fanout
+from gateway_tasks.in_hand import InHand
 from gateway_tasks.pool import gevent_active
 from gateway_tasks.registry import Registry
 from gateway_tasks.waiting import grant_listener
@@ -51,7 +54,10 @@ class WorkerContext:
 
     @cached_property
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+        # Slots, circuits and announcements are advisory around a job: a Redis that is away is given up on within
+        # a second (redis-py's default retries back off for seconds per command), and the answer recorded.
+        retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2)
+        return redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2, socket_timeout=5, retry=retry)
 
     @cached_property
     def registry(self) -> Registry:
@@ -64,13 +70,17 @@ class WorkerContext:
         return grant_listener(client)
 
     @cached_property
+    def in_hand(self) -> InHand:
+        return InHand(self.redis)
+
+    @cached_property
     def http(self) -> httpx.Client:
         # Replica calls are bounded by the replicas' slots, not here; keep-alive for as many as a worker runs.
         return httpx.Client(limits=httpx.Limits(max_connections=None, max_keepalive_connections=1000))
 
     def reset_after_fork(self) -> None:
         """Drop connections inherited from the parent; children open their own."""
-        for name in ("db", "redis", "http", "registry", "grants"):
+        for name in ("db", "redis", "http", "registry", "grants", "in_hand"):
             obj = self.__dict__.pop(name, None)
             if isinstance(obj, Database):
                 obj.engine.dispose(close=False)

@@ -27,6 +27,8 @@ class Fanout:
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pubsub: redis.client.PubSub | None = None
+        self._closed = False
 
     @contextmanager
     def expecting(self, key: str) -> Iterator[threading.Event]:
@@ -58,9 +60,22 @@ class Fanout:
                 if not waiting:
                     del self._events[key]
 
+    def close(self) -> None:
+        """Stop listening for good: the subscription's connection closes and its thread ends. Waiters still
+        expecting a key time out and read the state themselves."""
+        with self._lock:
+            self._closed = True
+            pubsub = self._pubsub
+        if pubsub is not None:
+            pubsub.close()  # the listener's blocked read fails, and it sees the fanout closed
+        self.client.close()
+
     def _listen(self) -> None:
         while True:
-            pubsub = self.client.pubsub()
+            with self._lock:
+                if self._closed:
+                    return
+                self._pubsub = pubsub = self.client.pubsub()
             try:
                 pubsub.subscribe(self.channel)
                 for message in pubsub.listen():
@@ -75,8 +90,12 @@ class Fanout:
                         events = list(self._events.get(key, ()))
                     for event in events:
                         event.set()
-            except redis.RedisError as exc:  # waiters time out meanwhile and read the state themselves
+            except Exception as exc:  # waiters time out meanwhile and read the state themselves
                 self._subscribed.clear()
+                if self._closed:
+                    return
+                if not isinstance(exc, redis.RedisError):
+                    raise
                 log.warning("subscription to %s lost (%s); subscribing again", self.channel, exc)
                 time.sleep(0.5)
             finally:

@@ -1,4 +1,4 @@
-"""Replicas' live state in Redis, shared by every worker on every machine (issue 4, item 1):
+"""Replicas' live state in Redis, shared by every worker on every machine:
 
 - in-flight slots: a sorted set per replica of lease tokens scored by expiry; a slot is taken atomically
   only below max_concurrency and frees itself when a killed worker's lease runs out;
@@ -273,6 +273,10 @@ class Registry:
         """Leave the waiting line; the replica whose slot was granted meanwhile (to release), if any."""
         granted = self._leave(keys=self._line(service), args=[token])
         return granted.decode() if isinstance(granted, bytes) else None
+
+    def waiting(self, service: str) -> list[str]:
+        """The tokens waiting in the service's line, first in line first."""
+        return [m.decode() for m in self.r.zrange(self._line(service)[0], 0, -1)]  # type: ignore[union-attr]
 
     def mark_down(self, service: str, name: str) -> None:
         """A refused connection takes the replica out of rotation until probes bring it back."""

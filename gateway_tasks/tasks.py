@@ -6,7 +6,7 @@ import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -24,6 +24,7 @@ from gateway_core.states import JobState
 from gateway_tasks.alerts import SEND_TASK, deliver, raise_alert
 from gateway_tasks.balancer import ReplicaChooser
 from gateway_tasks.celery_app import WorkerContext
+from gateway_tasks.in_hand import holding
 from gateway_tasks.publish import DISPATCH_TASK, empty_queues, publish_dispatch
 from gateway_tasks.replicas import ReplicaError, build_payload, call_replica
 from gateway_tasks.waiting import rank, wait_for_slot
@@ -154,14 +155,19 @@ def sweep_jobs(self: Task) -> int:
     ctx = _ctx(self)
     gw = ctx.settings.gateway
     services = ctx.settings.services
-    # A job still QUEUED a visibility timeout after it was sent, while its service's queue is empty, has
-    # lost its message (a queue with messages may just be long: re-sending from it would duplicate a backlog).
+    # A job sent a while ago and still QUEUED, whose message no live worker holds while its service's queue is
+    # empty, has lost its message (a queue with messages may just be long: re-sending from it would duplicate a
+    # backlog). Neither the queues nor the workers' hands readable: no message counts as lost this time.
+    lost_before: datetime | None = None
+    held: set[str] = set()
+    idle: list[str] = []
     try:
         empty = empty_queues(self.app, [ctx.settings.queue_for(name) for name in services])
+        held = holding(ctx.redis, time.time())
+        idle = [name for name in services if ctx.settings.queue_for(name) in empty]
+        lost_before = utcnow() - timedelta(seconds=gw.resend_lost_after_seconds)
     except Exception as exc:  # the broker is away: the sends below fail too, and the next sweep tries again
-        log.warning("could not read the queues' lengths: %s", exc)
-        empty = set()
-    idle = [name for name in services if ctx.settings.queue_for(name) in empty]
+        log.warning("could not tell which messages are lost: %s", exc)
     now = utcnow()
     sent: list[str] = []
     with ctx.db.transaction() as s:
@@ -170,9 +176,10 @@ def sweep_jobs(self: Task) -> int:
         for job in jobs_to_resend(
             s,
             unsent_before=now - timedelta(seconds=gw.sweep_unsent_after_seconds),
-            resent_before=now - timedelta(seconds=gw.visibility_timeout_seconds),
             now=now,
+            lost_before=lost_before,
             idle_services=idle,
+            in_hand=held,
         ):
             if not publish_dispatch(self.app, job.id, job.service, priority=job.priority):
                 break  # the broker is away: the next sweep tries again

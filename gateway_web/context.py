@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import redis
 from flask import current_app
+from redis import BlockingConnectionPool
 
 from gateway_core.db import Database
 from gateway_core.settings import Settings
@@ -20,6 +21,16 @@ class WebContext:
     celery: JobgateCelery
     redis: redis.Redis
     job_ends: Fanout  # requests waiting for a job to end (Prefer: wait) are woken through it
+    limit_pool: BlockingConnectionPool | None = None  # the rate limiter's connections
+
+    def close(self) -> None:
+        """Close every pool and connection of an app that serves no more requests (replaced by a reload)."""
+        self.job_ends.close()
+        if self.limit_pool is not None:
+            self.limit_pool.disconnect()
+        self.db.dispose()
+        self.redis.close()
+        self.celery.close()
 
 
 def ctx() -> WebContext:

@@ -178,16 +178,16 @@ def _tenant_key() -> str:
 
 def make_limiter(app: Flask, settings: Settings) -> Limiter:
     rl = settings.rate_limits
+    # A bounded pool: a gevent worker may have thousands of requests in flight, and a limits check is one short
+    # round trip; a request that cannot get a connection within 0.5 s counts as Redis away.
+    pool = redis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=64, timeout=0.5, socket_connect_timeout=0.5, socket_timeout=0.5
+    )
+    app.extensions["jobgate"].limit_pool = pool  # closed with the app
     limiter = Limiter(
         key_func=_tenant_key,
         storage_uri=_storage_uri(settings.redis_url),
-        # A bounded pool: a gevent worker may have thousands of requests in flight, and a limits check is
-        # one short round trip; a request that cannot get a connection within 0.5 s counts as Redis away.
-        storage_options={
-            "connection_pool": redis.BlockingConnectionPool.from_url(  # type: ignore[dict-item]
-                settings.redis_url, max_connections=64, timeout=0.5, socket_connect_timeout=0.5, socket_timeout=0.5
-            )
-        },
+        storage_options={"connection_pool": pool},  # type: ignore[dict-item]
         strategy="sliding-window-counter",
         key_prefix=KEY_PREFIX,
         headers_enabled=False,  # set below in the IETF RateLimit-* form

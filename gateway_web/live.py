@@ -64,10 +64,7 @@ class LiveApp:
 
 
 def _retire(app: JobgateOpenAPI) -> None:
-    c = app.extensions["jobgate"]
-    c.db.dispose()
-    c.redis.close()
-    c.celery.close()
+    app.extensions["jobgate"].close()
 
 
 def create_live_app(path: str | None = None) -> LiveApp:

@@ -52,6 +52,7 @@ FAST_GATEWAY: dict[str, Any] = {
     "visibility_timeout_seconds": 10,
     "sweep_interval_seconds": 1,
     "sweep_unsent_after_seconds": 1,
+    "resend_lost_after_seconds": 3,
     "lease_margin_seconds": 3,
     "hold_retry_seconds": 0.5,
     "hold_retry_max_seconds": 1,

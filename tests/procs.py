@@ -108,7 +108,9 @@ def start_worker(
     """A real Celery worker on ``queues`` with the dispatch workers' pool (gevent), with beat embedded when a
     schedule file is given; returns once it is ready."""
     args = [
-        str(BIN / "celery"),
+        str(BIN / "python"),
+        "-m",
+        "gateway_tasks.celery_main",  # as `jobgate worker` runs it: gevent patched before kombu is imported
         "-A",
         "gateway_tasks.worker",
         "worker",

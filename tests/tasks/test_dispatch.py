@@ -88,7 +88,7 @@ def test_a_late_sent_mark_does_not_hide_a_retry_already_scheduled(tenant: Tenant
     with db.transaction() as s:
         job = s.get(Job, sent.id)
         assert job.enqueued_at is None  # still the sweeper's to send
-        due = jobs_to_resend(s, unsent_before=now, resent_before=now, now=now + timedelta(seconds=1))
+        due = jobs_to_resend(s, unsent_before=now, now=now + timedelta(seconds=1))
         assert sent.id in [j.id for j in due]
 
 
@@ -139,12 +139,13 @@ def test_a_message_the_broker_lost_is_sent_again_once_its_queue_is_empty(
     worker: Any, tenant: TenantKey, db: Any, settings: Settings
 ) -> None:
     now = utcnow()
-    window = timedelta(seconds=settings.gateway.visibility_timeout_seconds)
+    window = timedelta(seconds=settings.gateway.resend_lost_after_seconds)
     with db.transaction() as s:  # sent a while ago, but the broker lost it (say a Redis without persistence)
         job_id = create_job(s, tenant_id=tenant.tenant_id, service="codegen", request={"prompt": "x"}).id
         mark_enqueued(s, job_id, now=now - window - timedelta(seconds=1))
-        due = dict(unsent_before=now, resent_before=now - window, now=now)
+        due = dict(unsent_before=now, lost_before=now - window, now=now)
         assert job_id not in [j.id for j in jobs_to_resend(s, **due)]  # a long queue may still hold it
+        assert job_id not in [j.id for j in jobs_to_resend(s, **due, idle_services=["codegen"], in_hand=[job_id])]
         assert job_id in [j.id for j in jobs_to_resend(s, **due, idle_services=["codegen"])]
     job = wait_terminal(db, job_id, timeout=30)  # the sweeper finds svc.codegen empty and sends it
     assert job.state == S.SUCCEEDED and job.attempts == 1
@@ -204,6 +205,52 @@ def test_job_of_a_dead_worker_is_reclaimed_after_its_lease(worker: Any, tenant: 
     assert job.state == S.SUCCEEDED and job.attempts == 2
     reclaim = [e for e in job.events if (e.detail or {}).get("reclaimed")]
     assert len(reclaim) == 1 and reclaim[0].from_state == S.PROCESSING
+
+
+def test_a_job_reclaimed_while_every_slot_is_busy_waits_in_line_and_is_not_sent_again_meanwhile(
+    worker: Any, tenant: TenantKey, db: Any, settings: Settings, replicas: dict[str, str]
+) -> None:
+    """A dead worker's job is taken over while the service's one slot is busy: it waits in line (no hold, no
+    illegal PROCESSING -> HELD), and the sweeper, which sends again a lost message of the same age, leaves it
+    alone because a live worker holds its message; the freed slot then runs it, once."""
+    service = "codegen-narrow"
+    narrow = settings.services[service].replicas[0]
+    registry = Registry(redis.Redis.from_url(settings.redis_url))
+    busy = f"test-busy-{uuid.uuid4().hex[:8]}"
+    assert registry.acquire(service, narrow, busy, 120, time.time())  # another call holds the only slot
+    jobs: list[str] = []
+    try:
+        orphan = _orphan(db, tenant, 1, processing=True, service=service)
+        jobs.append(orphan)
+        until(lambda: any(t.startswith(orphan) for t in registry.waiting(service)), 20, "the reclaimed job in line")
+        with db.transaction() as s:
+            sent_at = s.get(Job, orphan).enqueued_at
+            # A message of the same age that the broker lost: nothing holds it, the queue is empty.
+            lost = create_job(s, tenant_id=tenant.tenant_id, service=service, request={"prompt": "lost"}).id
+            mark_enqueued(s, lost, now=sent_at)
+        jobs.append(lost)
+
+        def resent() -> bool:
+            with db.transaction() as s:
+                return bool(s.get(Job, lost).enqueued_at != sent_at)
+
+        until(resent, 60, "the lost message sent again")
+        with db.transaction() as s:
+            job = s.get(Job, orphan)
+            assert job.enqueued_at == sent_at, "a job waiting in a worker's hands was sent again"
+            assert job.state == S.PROCESSING and S.HELD not in [e.to_state for e in job.events]
+        registry.release(service, narrow, busy, time.time())
+        ended = [wait_terminal(db, job_id, timeout=30) for job_id in jobs]
+        assert [j.state for j in ended] == [S.SUCCEEDED, S.SUCCEEDED]
+        assert [e.to_state for e in ended[0].events][-4:] == [S.PROCESSING, S.DISPATCHED, S.PROCESSING, S.SUCCEEDED]
+        assert ended[0].attempts == 2 and ended[1].attempts == 1
+        assert [_processed(replicas["narrow"], job_id) for job_id in jobs] == [1, 1]
+    finally:
+        registry.release(service, narrow, busy, time.time())
+        with db.transaction() as s:
+            for job_id in jobs:
+                if s.get(Job, job_id).state not in (S.SUCCEEDED, S.FAILED, S.CANCELED):
+                    lifecycle.cancel(s, job_id, tenant.tenant_id)
 
 
 def test_reclaim_with_no_attempts_left_fails_the_job(

@@ -138,3 +138,35 @@ def test_redis_restarted_empty_under_a_backlog_loses_no_job_and_runs_none_twice(
     assert again.status_code == 202, again.json
     until(lambda: _count(db, *TERMINAL) == JOBS + 1, 60, "a job submitted after the restart ended")
     redis.Redis(port=stack.redis_port).ping()
+
+
+def test_an_answer_that_arrives_while_redis_is_down_is_kept_and_not_run_again(stack: Stack) -> None:
+    """Redis (broker, slots, circuits) dies while a call is in flight: the replica's answer is recorded all the
+    same, the replica ran the job once, and once Redis is back (empty) the same worker takes the next job."""
+    settings, db = stack.settings, stack.db
+    dispatch = start_worker(stack.env, [QUEUE], stack.tmp / "dispatch.log", concurrency=2)
+    stack.procs.append(dispatch)
+    tenant = make_tenant(db, tier="enterprise")
+    client = create_app(settings).test_client()
+    resp = client.post("/v1/jobs/codegen", headers=tenant.headers, json={"prompt": "keep me"})
+    assert resp.status_code == 202, resp.json
+    job_id = resp.json["id"]
+    until(lambda: _count(db, S.PROCESSING) == 1, 30, "the call in flight")  # the replica takes 1.5 s
+
+    redis_proc = stack.procs[0]
+    redis_proc.signal(signal.SIGKILL)
+    redis_proc.popen.wait(10)
+    until(lambda: httpx.get(f"{stack.replica}/stats").json()["processed"].get(job_id), 20, "the replica answered")
+    # Recorded while Redis is still away: the slot it could not free frees itself at its lease's end.
+    until(lambda: _count(db, *TERMINAL) == 1, 30, "the job ended with Redis away")
+    stack.procs[0] = _redis_server(stack.redis_port, stack.tmp / "redis-1.log")
+    with db.transaction() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.state == S.SUCCEEDED and job.attempts == 1, (job and job.state, job)
+        assert [e.to_state for e in job.events].count(S.PROCESSING) == 1
+    assert httpx.get(f"{stack.replica}/stats").json()["processed"][job_id] == 1  # inference ran once
+    assert_ledger_invariants(db, tenant.tenant_id)
+    again = client.post("/v1/jobs/codegen", headers=tenant.headers, json={"prompt": "after"})
+    assert again.status_code == 202, again.json
+    until(lambda: _count(db, S.SUCCEEDED) == 2, 60, "a job submitted after the restart ended")
+    assert dispatch.popen.poll() is None and "Unrecoverable error" not in dispatch.output()

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import pytest
+import redis
 
 from gateway_core.states import JobState
 from tests.conftest import TenantKey, make_tenant
@@ -72,3 +73,23 @@ def test_other_preferences_are_ignored_and_another_tenants_job_is_not_waited_on(
     started = time.monotonic()
     peek = client.get(resp.headers["Location"], headers={**other.headers, "Prefer": f"wait={WAIT}"})
     assert peek.status_code == 404 and time.monotonic() - started < WAIT / 2
+
+
+def test_an_app_replaced_by_a_reload_closes_its_subscription_and_connections(settings: Any) -> None:
+    from gateway_tasks.ended import JOBS_ENDED_CHANNEL
+    from gateway_web import create_app
+    from tests.conftest import until
+
+    observer = redis.Redis.from_url(settings.redis_url)
+
+    def subscribers() -> int:
+        return int(dict(observer.pubsub_numsub(JOBS_ENDED_CHANNEL))[JOBS_ENDED_CHANNEL.encode()])
+
+    before = subscribers()
+    app = create_app(settings)
+    context = app.extensions["jobgate"]
+    event = context.job_ends.expect("some-job")  # the first waiter subscribes
+    until(lambda: subscribers() == before + 1, 10, "the app's subscription")
+    context.close()
+    until(lambda: subscribers() == before, 10, "the subscription closed")
+    assert not event.is_set()
