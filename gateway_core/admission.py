@@ -9,12 +9,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Integer, bindparam, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gateway_core.credits import check_affordable, reservation
-from gateway_core.db import write_together
+from gateway_core.db import Database, write_together
 from gateway_core.errors import ConcurrencyLimitError, IdempotencyKeyReusedError, NotFoundError, QuotaExceededError
-from gateway_core.jobs import loaded, new_job
+from gateway_core.jobs import Dispatcher, loaded, new_job, send_committed
 from gateway_core.models import ACTIVE_SQL, Job, Tenant, utcnow
 from gateway_core.pricing import estimate
 from gateway_core.settings import Settings, TierConfig
@@ -154,3 +155,38 @@ def admit(
     count_usage(tenant, now, jobs=1, credits=cost)
     write_together(session, job_writes + reservation(tenant, job.id, cost, now))
     return Admitted(loaded(session, job), replayed=False)
+
+
+def submit(
+    db: Database,
+    settings: Settings,
+    dispatcher: Dispatcher,
+    *,
+    tenant_id: int,
+    job_input: JobInput,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+) -> Admitted:
+    """Admit a job in its own transaction and send it once committed (the job row is its own outbox: a send
+    the broker refuses is left to the sweeper); a replayed Idempotency-Key returns the earlier job, unsent."""
+
+    def admit_once() -> Admitted:
+        with db.transaction() as s:
+            return admit(
+                s,
+                settings,
+                tenant_id=tenant_id,
+                job_input=job_input,
+                idempotency_key=idempotency_key,
+                request_hash=request_hash,
+            )
+
+    try:
+        admitted = admit_once()
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        admitted = admit_once()  # a concurrent twin with the same Idempotency-Key committed first: replay it
+    if not admitted.replayed:
+        send_committed(db, dispatcher, admitted.job)
+    return admitted

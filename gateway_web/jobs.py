@@ -8,15 +8,16 @@ from typing import Any
 
 from flask import Response, jsonify
 from flask_openapi3 import APIBlueprint, Tag
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from gateway_core import lifecycle
-from gateway_core.admission import Admitted, JobInput, admit
+from gateway_core.admission import JobInput
+from gateway_core.admission import submit as submit_job
 from gateway_core.audio import fetch_audio, measure_seconds
 from gateway_core.catalog import KINDS
 from gateway_core.errors import ServiceDisabledError, UnknownServiceError
-from gateway_core.jobs import get_job, send_committed
+from gateway_core.jobs import get_job
 from gateway_core.settings import Settings
 from gateway_core.states import TERMINAL
 from gateway_tasks.publish import publish_dispatch
@@ -62,19 +63,19 @@ def submit(service: str) -> tuple[Response, int, dict[str, str]]:
     fingerprint = request_hash(job_input) if key else None
     tenant_id = principal().tenant_id
     with in_flight_guard(c.redis, tenant_id, key):
-        try:
-            admitted = _admit(tenant_id, job_input, key, fingerprint)
-        except IntegrityError:
-            if key is None:
-                raise
-            # A concurrent twin with the same Idempotency-Key committed first: replay it.
-            admitted = _admit(tenant_id, job_input, key, fingerprint)
+        admitted = submit_job(
+            c.db,
+            c.settings,
+            functools.partial(publish_dispatch, c.celery),
+            tenant_id=tenant_id,
+            job_input=job_input,
+            idempotency_key=key,
+            request_hash=fingerprint,
+        )
     job = admitted.job
     headers = {"Location": job_link(job.id).self}
     if admitted.replayed:
         headers["Idempotent-Replayed"] = "true"
-    else:
-        send_committed(c.db, functools.partial(publish_dispatch, c.celery), job)
     if wait is not None:
         headers.update(applied(wait))
         try:
@@ -99,14 +100,6 @@ def _read(job_id: str, tenant_id: int, *, with_events: bool) -> tuple[dict[str, 
     if out["events"] is None:
         del out["events"]
     return out, ended
-
-
-def _admit(tenant_id: int, job_input: JobInput, key: str | None, fingerprint: str | None) -> Admitted:
-    c = ctx()
-    with c.db.transaction() as s:
-        return admit(
-            s, c.settings, tenant_id=tenant_id, job_input=job_input, idempotency_key=key, request_hash=fingerprint
-        )
 
 
 def _fetch(sub: Submission, max_bytes: int, timeout: float, allow_private: bool) -> None:
