@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from functools import cached_property
 from typing import Any
@@ -119,8 +120,11 @@ def _reload_on_sighup(sender: Any = None, **_kw: Any) -> None:
 
     if gevent_active():  # a gevent worker's signal handlers run in its event loop, where nothing may block
         import gevent
+        import gevent.util
 
         gevent.signal_handler(signal.SIGHUP, gevent.spawn, reload)
+        # SIGUSR2 logs every greenlet's stack (Celery's SIGUSR1 shows threads only): what each job waits on.
+        gevent.signal_handler(signal.SIGUSR2, gevent.util.print_run_info, file=sys.stderr)
     else:
         signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=reload, name="config-reload").start())
 

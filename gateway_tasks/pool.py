@@ -25,11 +25,27 @@ def gevent_active() -> bool:
 
 
 def cooperate_with_gevent() -> None:
-    """Make psycopg2 yield to other greenlets while it waits on the server; nothing outside a gevent process."""
+    """Make psycopg2 yield to other greenlets while it waits on the server, and kombu while it waits to reach a
+    broker; nothing outside a gevent process."""
     if gevent_active():
         from psycogreen.gevent import patch_psycopg
 
         patch_psycopg()
+        _yield_between_broker_retries()
+
+
+def _yield_between_broker_retries() -> None:
+    """The ``celery`` command imports ``kombu.utils`` before it monkey-patches the standard library, so
+    ``kombu.utils.functional`` keeps the blocking ``time.sleep`` it imported by name. Kombu sleeps with it
+    between a worker's attempts to reach a broker that is away: the whole gevent process, every replica call in
+    flight and every answer waiting to be recorded, stood still until the broker came back. Its name is pointed
+    at the patched sleep (celery/kombu 5.7.0, gevent 26.9.0)."""
+    import time
+
+    import kombu.utils.functional
+
+    if kombu.utils.functional.sleep is not time.sleep:
+        kombu.utils.functional.sleep = time.sleep
 
 
 # A gevent worker consumes in Celery's blocking loop, which polls the broker with a 2 s timeout: with Redis,

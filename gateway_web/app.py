@@ -38,6 +38,8 @@ def create_app(settings: Settings | None = None) -> JobgateOpenAPI:
         validation_error_callback=validation_error_response,
     )
     app.config["MAX_CONTENT_LENGTH"] = settings.gateway.max_body_bytes
+    # A path with doubled slashes (a job id of "/x") is not found, not redirected to another resource.
+    app.url_map.merge_slashes = False
     cooperate_with_gevent()  # served by gunicorn's gevent workers: psycopg2 must yield while it waits
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
     db = Database(settings.database_url)

@@ -318,14 +318,7 @@ def worker(queue: str, quiet: bool, celery_args: tuple[str, ...]) -> None:
         raise click.ClickException(str(exc)) from None
     os.environ.update(stack.environment())
     python = [sys.executable, "-W", CELERY_ROOT_WARNING] if quiet else [sys.executable]
-    celery = [
-        "-m",
-        "gateway_tasks.celery_main",
-        *(["--quiet"] if quiet else []),
-        "-A",
-        "gateway_tasks.worker",
-        "worker",
-    ]
+    celery = ["-m", "celery", *(["--quiet"] if quiet else []), "-A", "gateway_tasks.worker", "worker"]
     os.execv(sys.executable, [*python, *celery, *options, *celery_args])
 
 

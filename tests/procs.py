@@ -108,9 +108,7 @@ def start_worker(
     """A real Celery worker on ``queues`` with the dispatch workers' pool (gevent), with beat embedded when a
     schedule file is given; returns once it is ready."""
     args = [
-        str(BIN / "python"),
-        "-m",
-        "gateway_tasks.celery_main",  # as `jobgate worker` runs it: gevent patched before kombu is imported
+        str(BIN / "celery"),
         "-A",
         "gateway_tasks.worker",
         "worker",
