@@ -10,6 +10,7 @@ queue (sweeper, probes, alerts) runs one prefork process.
 
 from __future__ import annotations
 
+from celery import Celery
 from gevent import monkey
 
 import celeryconfig
@@ -46,6 +47,17 @@ def _yield_between_broker_retries() -> None:
 
     if kombu.utils.functional.sleep is not time.sleep:
         kombu.utils.functional.sleep = time.sleep
+
+
+def without_task_events_on_amqp(app: Celery) -> None:
+    """No task events from a gevent worker on RabbitMQ. Celery's event dispatcher publishes under one mutex and,
+    with publisher confirms, waits under it for the broker's ack on a py-amqp connection, which is not safe for
+    concurrent greenlets. Seen in the test suite: the worker-heartbeat greenlet waited for an ack that never came
+    while holding the mutex, and the consumer, sending a task-received event, waited behind it — the worker took
+    no message again. Without task events only the heartbeat publishes there, so the consumer never waits on it;
+    Flower still lists the worker (heartbeats) but not its dispatch tasks, whose states are in the job rows."""
+    if gevent_active() and str(app.conf.broker_url).startswith("amqp"):
+        app.conf.worker_send_task_events = False
 
 
 # A gevent worker consumes in Celery's blocking loop, which polls the broker with a 2 s timeout: with Redis,

@@ -386,6 +386,9 @@ def config_file(
         "kind": "codegen",
         **fast,
         "circuit": {"failure_threshold": 2, "cooldown_seconds": 1},
+        # Turn about, whatever the load: the slow replica gets every other job, so calls are in flight on it when
+        # it is killed (least-outstanding would send nearly all to the fast one, as fast as the worker runs).
+        "strategy": "weighted_round_robin",
         "replicas": [
             {**_replica("chaos", f"http://127.0.0.1:{CHAOS_PORT}"), "max_concurrency": 8},
             {**_replica("codegen-c", replicas["codegen-c"]), "max_concurrency": 8},
