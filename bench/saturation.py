@@ -7,7 +7,8 @@ answering after L, one dispatch worker started as deployed (`jobgate worker svc.
 configuration's rule). N jobs are admitted (core admission, credits reserved) and published before the worker
 starts. Makespan = last job's end - first job's dispatch;
 ideal = ceil(N / C) * L. Also reported: the replicas' own peak concurrency (never above C) and the worker's
-start-up (process start to first dispatch, not counted), and whether any job ran twice at a replica.
+start-up (process start to first dispatch, not counted), whether any job ran twice at a replica, the database
+sessions opened during the run, and the worker's CPU time per job (from its first dispatch to the last end).
 
 In flight (--in-flight N, default 1000): N calls of --in-flight-latency seconds against N slots, the worker started
 first, so that its resident memory idle and at the peak give the memory per call in flight.
@@ -61,6 +62,18 @@ def _admin() -> Any:
     conn = psycopg2.connect(PG.replace("postgresql+psycopg2", "postgresql") + "/postgres")
     conn.autocommit = True
     return conn
+
+
+def _cpu_seconds(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return float(t.user + t.system)
+
+
+def _sessions(admin: Any, dbname: str) -> int:
+    cur = admin.cursor()
+    cur.execute("SELECT pg_stat_force_next_flush()")
+    cur.execute("SELECT sessions FROM pg_stat_database WHERE datname = %s", (dbname,))
+    return int(cur.fetchone()[0])
 
 
 def run_case(
@@ -136,11 +149,16 @@ def run_case(
         start = time.time()
         deadline = start + 5 * math.ceil(jobs / slots) * latency + 60
         peak_rss = 0
+        cpu_at_first: float | None = None  # the worker's CPU seconds when the first job was dispatched
         while True:
-            peak_rss = max(peak_rss, psutil.Process(worker.pid).memory_info().rss)
+            proc = psutil.Process(worker.pid)
+            peak_rss = max(peak_rss, proc.memory_info().rss)
             with db.transaction() as s:
                 done = s.scalar(select(func.count()).where(Job.state.in_(list(TERMINAL))))
+                if cpu_at_first is None and s.scalar(select(func.count()).where(Job.dispatched_at.is_not(None))):
+                    cpu_at_first = _cpu_seconds(proc)
             if done == jobs:
+                worker_cpu = _cpu_seconds(proc) - (cpu_at_first or 0.0)
                 break
             if time.time() > deadline:
                 raise TimeoutError(f"{done}/{jobs} jobs ended; worker log: {worker.output()[-2000:]}")
@@ -157,6 +175,9 @@ def run_case(
         # Where a job's time went: DISPATCHED -> PROCESSING (claim to call), PROCESSING -> end (call and record).
         claim = statistics.median((t.started_at - t.dispatched_at).total_seconds() for t in times)
         call = statistics.median((t.finished_at - t.started_at).total_seconds() for t in times)
+        # Database sessions opened during the run (a pool that closes and reopens connections costs the server a
+        # process start each time).
+        sessions = _sessions(admin, dbname)
         stats = [httpx.get(f"{r['url']}/stats").json() for r in reps]
         peaks = [st["max_in_flight"] for st in stats]
         runs = [n for st in stats for n in st["processed"].values()]
@@ -176,6 +197,8 @@ def run_case(
             "inference_runs": len(runs),
             "jobs_run_twice": sum(1 for n in runs if n > 1),
             "worker_peak_rss_mb": round(peak_rss / 2**20, 1),
+            "db_sessions": sessions,
+            "worker_cpu_ms_per_job": round(worker_cpu * 1000 / jobs, 2),
             **(
                 {
                     "worker_idle_rss_mb": round(idle_rss / 2**20, 1),
@@ -218,7 +241,7 @@ def main() -> int:
     )
     print(
         f"{'L s':>6} {'C':>4} {'N':>5} {'pool':>5} {'ideal s':>8} {'makespan s':>11} {'ratio':>6} {'start s':>8} "
-        f"{'peak':>9} {'claim ms':>9} {'call ms':>8} {'twice':>6}"
+        f"{'peak':>9} {'claim ms':>9} {'call ms':>8} {'db conns':>9} {'cpu ms/job':>11} {'twice':>6}"
     )
     for r in results:
         print(
@@ -226,7 +249,7 @@ def main() -> int:
             f"{r['makespan_s']:>11.2f} {r['ratio']:>6.3f} {r['worker_start_s']:>8.3f} "
             f"{'+'.join(map(str, r['replica_peak_in_flight'])):>9} "
             f"{r['median_dispatched_to_processing_s'] * 1000:>9.1f} {r['median_processing_to_end_s'] * 1000:>8.1f} "
-            f"{r['jobs_run_twice']:>6}"
+            f"{r['db_sessions']:>9} {r['worker_cpu_ms_per_job']:>11.2f} {r['jobs_run_twice']:>6}"
         )
     if in_flight is not None:
         r = in_flight
