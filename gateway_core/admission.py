@@ -14,11 +14,18 @@ from sqlalchemy.orm import Session
 
 from gateway_core.credits import check_affordable, reservation
 from gateway_core.db import Database, write_together
-from gateway_core.errors import ConcurrencyLimitError, IdempotencyKeyReusedError, NotFoundError, QuotaExceededError
-from gateway_core.jobs import Dispatcher, loaded, new_job, send_committed
+from gateway_core.errors import (
+    ConcurrencyLimitError,
+    IdempotencyKeyReusedError,
+    NotFoundError,
+    NotRetriableError,
+    QuotaExceededError,
+)
+from gateway_core.jobs import Dispatcher, get_job, loaded, new_job, send_committed, transition
 from gateway_core.models import ACTIVE_SQL, Job, Tenant, utcnow
 from gateway_core.pricing import estimate
 from gateway_core.settings import Settings, TierConfig
+from gateway_core.states import JobState
 from gateway_core.tenants import TIER_PRIORITY
 from gateway_core.usage import PeriodUsage, count_usage, usage_now
 
@@ -112,6 +119,18 @@ def _check_quotas(limits: dict[str, int | None], usage: dict[str, Any], cost: in
                 )
 
 
+def _check_room(settings: Settings, tenant: Tenant, active: int, usage: dict[str, PeriodUsage], cost: int) -> None:
+    """Raise why one more job of ``cost`` credits may not enter now: concurrency cap, quotas, credits."""
+    limits = limits_of(tenant, settings.tiers[tenant.tier])
+    cap = limits["concurrency"]
+    if cap is not None and active >= cap:
+        raise ConcurrencyLimitError(
+            f"{active} jobs already in progress; the limit is {cap}", details={"limit": cap, "active": active}
+        )
+    _check_quotas(limits, usage, cost)
+    check_affordable(tenant, cost)
+
+
 def admit(
     session: Session,
     settings: Settings,
@@ -128,16 +147,9 @@ def admit(
         earlier = _replay(session, tenant_id, idempotency_key, request_hash, now)
         if earlier is not None:
             return Admitted(earlier, replayed=True)
-    limits = limits_of(tenant, settings.tiers[tenant.tier])
-    cap = limits["concurrency"]
-    if cap is not None and active >= cap:
-        raise ConcurrencyLimitError(
-            f"{active} jobs already in progress; the limit is {cap}", details={"limit": cap, "active": active}
-        )
     svc = settings.services[job_input.service]
     cost = estimate(svc, job_input.request, job_input.audio_seconds)
-    _check_quotas(limits, usage, cost)
-    check_affordable(tenant, cost)
+    _check_room(settings, tenant, active, usage, cost)
     job, job_writes = new_job(
         tenant_id=tenant_id,
         service=job_input.service,
@@ -190,3 +202,62 @@ def submit(
     if not admitted.replayed:
         send_committed(db, dispatcher, admitted.job)
     return admitted
+
+
+def reopen(session: Session, tenant: Tenant, job: Job, credits: int, *, detail: dict[str, Any]) -> Job | None:
+    """Send an ended job (FAILED or CANCELED) back to QUEUED for a new round of attempts under the same id,
+    with ``credits`` reserved again (``tenant`` locked by the caller); None when it moved meanwhile. Counted in
+    the usage of the job's own day and month, where its settlement gives back what it did not use (dropped when
+    that period has ended: the spend is in the ledger either way)."""
+    now = utcnow()
+    count_usage(tenant, job.created_at, jobs=1, credits=credits)
+    write_together(session, reservation(tenant, job.id, credits, now))
+    return transition(
+        session,
+        job,
+        JobState.QUEUED,
+        attempt=0,
+        now=now,
+        detail=detail,
+        values={
+            "error_code": None,
+            "error_message": None,
+            "finished_at": None,
+            "credits_reserved": credits,
+            "credits_charged": None,
+            "enqueued_at": None,
+            "held_since": None,
+            "next_attempt_at": None,
+            "lease_expires_at": None,
+        },
+    )
+
+
+RETRIABLE = (JobState.FAILED, JobState.CANCELED)
+
+
+def retry(db: Database, settings: Settings, dispatcher: Dispatcher, *, tenant_id: int, job_id: str) -> Job:
+    """A client's retry: re-run its FAILED or CANCELED job under the same id, admitted as a new job would be
+    (concurrency cap, quotas, credits reserved again at today's price), then sent once committed."""
+    with db.transaction() as s:
+        job = get_job(s, job_id, tenant_id=tenant_id)
+        if job.state not in RETRIABLE:
+            raise NotRetriableError(
+                f"job {job_id} is {job.state}; only a FAILED or CANCELED job can be retried",
+                details={"status": job.state.value},
+            )
+        svc = settings.services.get(job.service)
+        if svc is None:
+            raise NotRetriableError(
+                f"service {job.service} is no longer configured",
+                code="SERVICE_REMOVED",
+                details={"service": job.service},
+            )
+        tenant, active, usage = _lock_and_read(s, tenant_id, utcnow())
+        cost = estimate(svc, job.request, job.audio_seconds)
+        _check_room(settings, tenant, active, usage, cost)
+        retried = reopen(s, tenant, job, cost, detail={"outcome": "retried", "after": job.state.value})
+        if retried is None:  # retried by a concurrent request between our read and our guarded update
+            raise NotRetriableError(f"job {job_id} was retried already", details={"status": JobState.QUEUED.value})
+    send_committed(db, dispatcher, retried)
+    return retried

@@ -8,15 +8,15 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from gateway_core.credits import lock_tenant, reservation
-from gateway_core.db import Database, write_together
+from gateway_core.admission import reopen
+from gateway_core.credits import lock_tenant
+from gateway_core.db import Database
 from gateway_core.errors import InvalidRequestError, NotFoundError
-from gateway_core.jobs import Dispatcher, send_committed, transition
+from gateway_core.jobs import Dispatcher, send_committed
 from gateway_core.models import DeadLetter, Job, utcnow
 from gateway_core.pricing import estimate
 from gateway_core.settings import Settings
 from gateway_core.states import JobState
-from gateway_core.usage import count_usage
 
 # Failures an operator can act on; a replica rejecting bad input (REPLICA_REJECTED) is the client's to fix.
 DEAD_LETTER_CODES = frozenset(
@@ -68,41 +68,23 @@ def page(session: Session, *, service: str | None, before: int | None, limit: in
 
 def replay(session: Session, letter_id: int, credits: int) -> Job:
     """Send a dead-lettered job back to QUEUED for a new round of attempts on the same job id, reserving
-    its credits again (402 when the tenant is short). The one way out of FAILED, and only by an admin."""
+    its credits again (402 when the tenant is short); an admin's, so the tenant's caps and quotas do not apply."""
     letter = session.get(DeadLetter, letter_id)
     if letter is None:
         raise NotFoundError(f"no dead letter {letter_id}", details={"id": letter_id})
     job = session.get(Job, letter.job_id)
     if letter.replayed_at is not None or job is None or job.state != JobState.FAILED:
         raise InvalidRequestError(f"dead letter {letter_id} was already replayed", code="ALREADY_REPLAYED")
-    now = utcnow()
-    tenant = lock_tenant(session, job.tenant_id)
-    # Counted in the usage of the job's own day and month, where its settlement gives back what it did not
-    # use; dropped when that period has ended (the replay's spend is in the ledger either way).
-    count_usage(tenant, job.created_at, jobs=1, credits=credits)
-    write_together(session, reservation(tenant, job.id, credits, now))
-    replayed = transition(
+    replayed = reopen(
         session,
+        lock_tenant(session, job.tenant_id),
         job,
-        JobState.QUEUED,
-        attempt=0,
-        now=now,
+        credits,
         detail={"outcome": "replayed", "dead_letter": letter_id},
-        values={
-            "error_code": None,
-            "error_message": None,
-            "finished_at": None,
-            "credits_reserved": credits,
-            "credits_charged": None,
-            "enqueued_at": None,
-            "held_since": None,
-            "next_attempt_at": None,
-            "lease_expires_at": None,
-        },
     )
     if replayed is None:  # replayed by another admin between our read and our guarded update
         raise InvalidRequestError(f"dead letter {letter_id} was already replayed", code="ALREADY_REPLAYED")
-    letter.replayed_at = now
+    letter.replayed_at = utcnow()
     return replayed
 
 

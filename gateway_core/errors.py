@@ -94,6 +94,11 @@ class JobFinishedError(GatewayError):
     status = 409
 
 
+class NotRetriableError(GatewayError):
+    code = "NOT_RETRIABLE"
+    status = 409
+
+
 class ForbiddenError(GatewayError):
     code = "FORBIDDEN"
     status = 403

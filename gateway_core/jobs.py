@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Table, bindparam, false, insert, or_, select, true, update
+from sqlalchemy import Table, bindparam, false, insert, literal, or_, select, true, tuple_, update
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from gateway_core.db import Database, Writes, insert_rows, note_ended, write_together
@@ -251,6 +252,38 @@ def jobs_to_resend(
     if session.get_bind().dialect.name == "postgresql":
         stmt = stmt.with_for_update(skip_locked=True)
     return list(session.scalars(stmt))
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """Which of a tenant's jobs a list shows: any of ``states`` (all when empty), one service, a created range
+    (``created_after`` inclusive, ``created_before`` exclusive)."""
+
+    states: tuple[JobState, ...] = ()
+    service: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+def jobs_page(
+    session: Session, tenant_id: int, flt: JobFilter, *, after: tuple[datetime, str] | None, limit: int
+) -> list[Job]:
+    """Up to ``limit`` of the tenant's jobs, newest first (ties by id), after the position ``after`` (the
+    created_at and id of the last job of the previous page). A position, not an offset: jobs submitted while a
+    client pages are newer than every page after the first, so pages neither repeat nor skip a job."""
+    stmt = select(Job).where(Job.tenant_id == tenant_id)
+    if flt.states:
+        stmt = stmt.where(Job.state.in_(flt.states))
+    if flt.service is not None:
+        stmt = stmt.where(Job.service == flt.service)
+    if flt.created_after is not None:
+        stmt = stmt.where(Job.created_at >= flt.created_after)
+    if flt.created_before is not None:
+        stmt = stmt.where(Job.created_at < flt.created_before)
+    if after is not None:
+        at, job_id = after
+        stmt = stmt.where(tuple_(Job.created_at, Job.id) < tuple_(literal(at, Job.created_at.type), literal(job_id)))
+    return list(session.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)))
 
 
 def failed_replicas(job: Job) -> set[str]:

@@ -116,30 +116,37 @@ def _check_limit(value: str) -> str:
 class TierConfig(_Strict):
     """What a tenant of a tier may do (seed 001 / 002); a tenant's own overrides win where set."""
 
-    rate_limit: str = Field(description="requests per window, ';'-separated, weighted by endpoint cost")
+    rate_limit: str = Field(description="submits per window, ';'-separated, weighted by the service's cost_weight")
+    read_rate_limit: str = Field(
+        default="600/minute",
+        description="reads (polls, lists, cancels, credits) per window, a budget apart from the submits",
+    )
     concurrency: int = Field(ge=1, le=100_000, description="jobs QUEUED, HELD, DISPATCHED or PROCESSING at once")
     daily_credits: int | None = Field(default=None, ge=0)
     monthly_credits: int | None = Field(default=None, ge=0)
     daily_jobs: int | None = Field(default=None, ge=0)
     monthly_jobs: int | None = Field(default=None, ge=0)
 
-    @field_validator("rate_limit")
+    @field_validator("rate_limit", "read_rate_limit")
     @classmethod
     def _parses(cls, value: str) -> str:
         return _check_limit(value)
 
 
 DEFAULT_TIERS = {
-    "free": TierConfig(rate_limit="10/minute;100/hour;1000/day", concurrency=2),
-    "pro": TierConfig(rate_limit="100/minute;1000/hour;100000/day", concurrency=10),
-    "enterprise": TierConfig(rate_limit="1000/minute;10000/hour;1000000/day", concurrency=50),
+    # Reads: a free client may poll its two jobs every second; pro and enterprise ten and a hundred times that.
+    "free": TierConfig(rate_limit="10/minute;100/hour;1000/day", read_rate_limit="120/minute", concurrency=2),
+    "pro": TierConfig(rate_limit="100/minute;1000/hour;100000/day", read_rate_limit="1200/minute", concurrency=10),
+    "enterprise": TierConfig(
+        rate_limit="1000/minute;10000/hour;1000000/day", read_rate_limit="12000/minute", concurrency=50
+    ),
 }
 
 
 class RateLimitConfig(_Strict):
     enabled: bool = True
     global_limit: str | None = Field(default="10000/second", description="all tenants together")
-    read_cost: int = Field(default=1, ge=1, le=1000, description="units a read (poll, credits) consumes")
+    read_cost: int = Field(default=1, ge=1, le=1000, description="units of the read budget a read consumes")
     # When Redis cannot be reached the limits still hold per process (flask-limiter's in-memory fallback);
     # admission never depends on Redis for credits, which live in the database.
     in_memory_fallback: bool = True

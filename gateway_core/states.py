@@ -34,9 +34,10 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.DISPATCHED: frozenset({S.PROCESSING, S.DISPATCHED, S.QUEUED, S.HELD, S.FAILED, S.CANCELED}),
     S.PROCESSING: frozenset({S.SUCCEEDED, S.FAILED, S.QUEUED, S.DISPATCHED, S.CANCELED}),
     S.SUCCEEDED: frozenset(),
-    # An admin's replay of a dead letter re-opens a failed job for a new round of attempts (same job id).
+    # A client's retry (or an admin's replay of a dead letter) re-opens a failed or canceled job for a new
+    # round of attempts under the same job id.
     S.FAILED: frozenset({S.QUEUED}),
-    S.CANCELED: frozenset(),
+    S.CANCELED: frozenset({S.QUEUED}),
 }
 
 

@@ -48,7 +48,8 @@ class CreditsOut(BaseModel):
     reserved: int = Field(description="credits held by jobs not yet finished")
     concurrency_limit: int | None
     active_jobs: int
-    rate_limit: str
+    rate_limit: str = Field(description="the submit budget of the tenant's tier")
+    read_rate_limit: str = Field(description="the read budget (polls, lists, cancels, this page)")
     usage: dict[str, PeriodOut]
     entries: list[EntryOut]
     next_cursor: str | None = Field(description="pass as ?cursor= for older entries")
@@ -86,6 +87,7 @@ def make_blueprint(app: JobgateOpenAPI) -> APIBlueprint:
                 concurrency_limit=limits["concurrency"],
                 active_jobs=active_jobs(s, tenant_id),
                 rate_limit=tier.rate_limit,
+                read_rate_limit=tier.read_rate_limit,
                 usage={
                     period: PeriodOut(
                         starts_on=starts[period],
@@ -102,6 +104,6 @@ def make_blueprint(app: JobgateOpenAPI) -> APIBlueprint:
         return jsonify(out.model_dump(mode="json"))
 
     bp.get("/credits", responses={200: CreditsOut, **ERRORS})(
-        limited(app, settings, read_credits, weight=cost, endpoint_limit=None)
+        limited(app, settings, read_credits, weight=cost, endpoint_limit=None, budget="read")
     )
     return bp

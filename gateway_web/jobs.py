@@ -1,25 +1,28 @@
-"""Jobs: submit one to a service, read it back, cancel it."""
+"""Jobs: submit one to a service, list them, read one back, cancel it, retry it."""
 
 from __future__ import annotations
 
+import base64
 import functools
 import logging
+from datetime import datetime
 from typing import Any
 
-from flask import Response, jsonify
+from flask import Response, jsonify, request
 from flask_openapi3 import APIBlueprint, Tag
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from gateway_core import lifecycle
-from gateway_core.admission import JobInput
+from gateway_core.admission import JobInput, retry
 from gateway_core.admission import submit as submit_job
 from gateway_core.audio import fetch_audio, measure_seconds
 from gateway_core.catalog import KINDS
-from gateway_core.errors import ServiceDisabledError, UnknownServiceError
-from gateway_core.jobs import get_job
+from gateway_core.errors import InvalidRequestError, ServiceDisabledError, UnknownServiceError
+from gateway_core.jobs import JobFilter, get_job, jobs_page
+from gateway_core.models import Job
 from gateway_core.settings import Settings
-from gateway_core.states import TERMINAL
+from gateway_core.states import TERMINAL, JobState
 from gateway_tasks.publish import publish_dispatch
 from gateway_web.auth import SECURITY, principal
 from gateway_web.context import ctx
@@ -27,13 +30,23 @@ from gateway_web.errors import ErrorEnvelope
 from gateway_web.idempotency import idempotency_key, in_flight_guard, request_hash
 from gateway_web.limits import limited
 from gateway_web.openapi import JobgateOpenAPI, TranscribeUpload
-from gateway_web.schemas import JobAccepted, JobOut, JobPath, JobQuery, ServicePath, job_link, job_out
+from gateway_web.schemas import (
+    JobAccepted,
+    JobList,
+    JobListQuery,
+    JobOut,
+    JobPath,
+    JobQuery,
+    ServicePath,
+    job_link,
+    job_out,
+)
 from gateway_web.submission import JSON, MULTIPART, Submission, parse_submission
 from gateway_web.waits import applied, preferred_wait, wait_for_end
 
 log = logging.getLogger(__name__)
 
-TAG = Tag(name="jobs", description="Submit inference jobs, read their state and result, cancel them")
+TAG = Tag(name="jobs", description="Submit inference jobs, list them, read their state and result, cancel, retry")
 ERRORS: dict[str | int, Any] = {401: ErrorEnvelope, 404: ErrorEnvelope, 429: ErrorEnvelope}
 SUBMIT_ERRORS: dict[str | int, Any] = {
     **ERRORS,
@@ -102,6 +115,39 @@ def _read(job_id: str, tenant_id: int, *, with_events: bool) -> tuple[dict[str, 
     return out, ended
 
 
+def _conditional(out: dict[str, Any], ended: bool, headers: dict[str, str] | None = None) -> Response:
+    """The job with an ETag (304 to an If-None-Match that still matches) and, while it runs, a Retry-After
+    hint of when to poll again."""
+    resp = jsonify(out)
+    resp.headers.update(headers or {})
+    if not ended:
+        resp.headers["Retry-After"] = str(POLL_AFTER_SECONDS)
+    resp.add_etag()
+    resp.make_conditional(request)  # 304, body dropped, when If-None-Match names this ETag
+    return resp
+
+
+POLL_AFTER_SECONDS = 1  # while a job runs: a client polling sooner learns nothing it could not wait for
+
+
+def _cursor(job: Job) -> str:
+    raw = f"{job.created_at.isoformat()}|{job.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _position(cursor: str) -> tuple[datetime, str]:
+    try:
+        at, job_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("|")
+        when = datetime.fromisoformat(at)
+        if when.tzinfo is None:
+            raise ValueError("naive")
+        return when, job_id
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(
+            "cursor is not one this API gave out", code="INVALID_CURSOR", details={"cursor": cursor}
+        ) from exc
+
+
 def _fetch(sub: Submission, max_bytes: int, timeout: float, allow_private: bool) -> None:
     assert sub.audio_url
     sub.audio, sub.audio_content_type = fetch_audio(
@@ -140,9 +186,23 @@ def make_blueprint(app: JobgateOpenAPI) -> APIBlueprint:
             details={"service": path.service, "available": sorted(settings.services)},
         )
 
-    def read_job(path: JobPath, query: JobQuery) -> Response | tuple[Response, int, dict[str, str]]:
-        """A job's state, attempts, timings, and its result or error; ?include=events adds the history.
-        With ``Prefer: wait=N`` the answer waits until the job ends or N seconds pass."""
+    def list_jobs(query: JobListQuery) -> Response:
+        """The tenant's jobs, newest first, filtered by state, service and created range, a page at a time
+        (follow next_cursor; a page never repeats or skips a job, however many are submitted meanwhile)."""
+        states = tuple(JobState(v) for v in query.status.split(",")) if query.status else ()
+        flt = JobFilter(states, query.service, query.created_after, query.created_before)
+        after = _position(query.cursor) if query.cursor else None
+        with ctx().db.transaction() as s:
+            jobs = jobs_page(s, principal().tenant_id, flt, after=after, limit=query.limit + 1)
+            page = [job_out(job, with_events=False).model_dump(mode="json", exclude={"events"}) for job in jobs]
+        more = len(jobs) > query.limit
+        body = {"data": page[: query.limit], "next_cursor": _cursor(jobs[query.limit - 1]) if more else None}
+        return jsonify(body)
+
+    def read_job(path: JobPath, query: JobQuery) -> Response:
+        """A job's state, attempts, timings, credits, and its result or error; ?include=events adds the
+        history. An ETag comes with it (If-None-Match: 304 while unchanged) and, while the job runs, a
+        Retry-After poll hint. With ``Prefer: wait=N`` the answer waits until the job ends or N seconds pass."""
         wait = preferred_wait()
         tenant_id = principal().tenant_id
 
@@ -150,21 +210,46 @@ def make_blueprint(app: JobgateOpenAPI) -> APIBlueprint:
             return _read(path.job_id, tenant_id, with_events=query.include == "events")
 
         if wait is None:
-            return jsonify(read()[0])
-        return jsonify(wait_for_end(path.job_id, wait, read)[0]), 200, applied(wait)
+            return _conditional(*read())
+        return _conditional(*wait_for_end(path.job_id, wait, read), headers=applied(wait))
 
     def cancel_job(path: JobPath) -> Response:
         """Cancel a job that has not ended; its reserved credits are released. 409 if it already ended."""
         with ctx().db.transaction() as s:
             job = lifecycle.cancel(s, path.job_id, principal().tenant_id)
-            out = job_out(job, with_events=False).model_dump(mode="json")
-        del out["events"]
+            out = job_out(job, with_events=False).model_dump(mode="json", exclude={"events"})
         return jsonify(out)
 
-    bp.get("/jobs/<job_id>", responses={200: JobOut, **ERRORS})(
-        limited(app, settings, read_job, weight=read_cost, endpoint_limit=None)
-    )
-    bp.delete("/jobs/<job_id>", responses={200: JobOut, 409: ErrorEnvelope, **ERRORS})(
-        limited(app, settings, cancel_job, weight=read_cost, endpoint_limit=None)
+    def cancel_job_post(path: JobPath) -> Response:
+        """Cancel a job that has not ended (the same as DELETE /v1/jobs/{job_id})."""
+        return cancel_job(path)
+
+    def retry_job(path: JobPath) -> tuple[Response, int, dict[str, str]]:
+        """Run a FAILED or CANCELED job again under the same id, admitted as a new submit would be (concurrency,
+        quotas, credits reserved again); 409 for a job that has not ended or succeeded."""
+        c = ctx()
+        job = retry(
+            c.db,
+            c.settings,
+            functools.partial(publish_dispatch, c.celery),
+            tenant_id=principal().tenant_id,
+            job_id=path.job_id,
+        )
+        body = JobAccepted(
+            id=job.id, status=job.state, service=job.service, created_at=job.created_at, links=job_link(job.id)
+        )
+        return jsonify(body.model_dump(mode="json")), 202, {"Location": job_link(job.id).self}
+
+    def reads(view: Any) -> Any:
+        return limited(app, settings, view, weight=read_cost, endpoint_limit=None, budget="read")
+
+    bp.get("/jobs", responses={200: JobList, **ERRORS})(reads(list_jobs))
+    bp.get("/jobs/<job_id>", responses={200: JobOut, 304: None, **ERRORS})(reads(read_job))
+    cancel_responses: dict[str | int, Any] = {200: JobOut, 409: ErrorEnvelope, **ERRORS}
+    bp.delete("/jobs/<job_id>", responses=cancel_responses)(reads(cancel_job))
+    bp.post("/jobs/<job_id>/cancel", responses=cancel_responses)(reads(cancel_job_post))
+    retry_responses: dict[str | int, Any] = {202: JobAccepted, 402: ErrorEnvelope, 409: ErrorEnvelope, **ERRORS}
+    bp.post("/jobs/<job_id>/retry", responses=retry_responses)(
+        limited(app, settings, retry_job, weight=read_cost, endpoint_limit=None)
     )
     return bp

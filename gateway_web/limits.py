@@ -1,8 +1,10 @@
 """Rate limits (seed 001/002) with flask-limiter on Redis, shared by every gateway instance, as sliding
 window counters (two counters per limit and key, so memory and time stay constant however high a limit is):
 
-- tier: per tenant, the tier's windows (e.g. free 10/minute;100/hour;1000/day) over all API routes, each
-  request weighing its endpoint's cost (a submit its service's cost_weight, a read rate_limits.read_cost);
+- tier: per tenant, the tier's submit windows (e.g. free 10/minute;100/hour;1000/day), a submit weighing its
+  service's cost_weight (admin calls and retries weigh rate_limits.read_cost);
+- read: per tenant, the tier's read windows (read_rate_limit, e.g. free 120/minute) over reads — polls, lists,
+  cancels, the credits page — each weighing rate_limits.read_cost: polling never eats the submit budget;
 - endpoint: per tenant and service, where the service sets rate_limit;
 - global: all tenants together.
 
@@ -20,7 +22,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from flask import Flask, Response
@@ -32,7 +34,8 @@ from gateway_core.settings import Settings
 from gateway_web.auth import principal
 from gateway_web.errors import error_response
 
-SCOPES = ("tier", "endpoint", "global")
+SCOPES = ("tier", "read", "endpoint", "global")
+BUDGETS = {"submit": "tier", "read": "read"}  # which tier limit a view draws on, by its limiter scope
 KEY_PREFIX = "jobgate"
 
 
@@ -216,7 +219,7 @@ def make_limiter(app: Flask, settings: Settings) -> Limiter:
             # described costs a Redis round trip, so only one is.
             evaluated = limiter.current_limits
             breached = [lim for lim in evaluated if lim.breached]
-            tier = [lim for lim in evaluated if "/tier/" in lim.key]
+            tier = [lim for lim in evaluated if "/tier/" in lim.key or "/read/" in lim.key]
             current = (breached or tier or evaluated or [None])[0]  # type: ignore[list-item]
         except Exception:  # storage went away after the check: no headers rather than a 500
             current = None
@@ -247,28 +250,37 @@ def make_limiter(app: Flask, settings: Settings) -> Limiter:
 
 
 def limited(
-    app: Flask, settings: Settings, view: Callable[..., Any], *, weight: int, endpoint_limit: str | None
+    app: Flask,
+    settings: Settings,
+    view: Callable[..., Any],
+    *,
+    weight: int,
+    endpoint_limit: str | None,
+    budget: Literal["submit", "read"] = "submit",
 ) -> Callable[..., Any]:
-    """Wrap an API view in the tier, global and (if any) endpoint limits, costing ``weight`` units; each
-    request's windows are planned for the storage first, so they are checked in one round trip."""
+    """Wrap an API view in its tier budget (submits or reads), the global and (if any) endpoint limits,
+    costing ``weight`` units; each request's windows are planned for the storage first, so they are checked in
+    one round trip."""
     limiter, _ = app.extensions["jobgate_limits"]
     rl = settings.rate_limits
     endpoint_scope = f"endpoint:{view.__name__}"
+    tier_scope = BUDGETS[budget]
 
     def tier_limit() -> str:
-        return settings.tiers[principal().tier].rate_limit
+        tier = settings.tiers[principal().tier]
+        return tier.rate_limit if budget == "submit" else tier.read_rate_limit
 
     # (scope, limit string, key, cost) of each limit, as flask-limiter will key and charge it.
     def limits_of_request() -> list[tuple[str, str, str, int]]:
         tenant = _tenant_key()
-        out = [("tier", tier_limit(), tenant, weight)]
+        out = [(tier_scope, tier_limit(), tenant, weight)]
         if endpoint_limit:
             out.append((endpoint_scope, endpoint_limit, tenant, 1))
         if rl.global_limit:
             out.append(("global", rl.global_limit, "all", 1))
         return out
 
-    view = limiter.shared_limit(tier_limit, scope="tier", cost=weight, error_message="tier")(view)
+    view = limiter.shared_limit(tier_limit, scope=tier_scope, cost=weight, error_message=tier_scope)(view)
     if endpoint_limit:
         view = limiter.shared_limit(endpoint_limit, scope=endpoint_scope, error_message="endpoint")(view)
     if rl.global_limit:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, Field
 
 from gateway_core.models import Job
 from gateway_core.states import JobState
@@ -39,6 +39,11 @@ class JobTimings(BaseModel):
     run_seconds: float | None = Field(default=None, description="from the first replica call to the end")
 
 
+class JobCredits(BaseModel):
+    reserved: int = Field(description="credits held for the job when it was admitted (or retried)")
+    charged: int | None = Field(default=None, description="credits captured once it ended (0 unless it succeeded)")
+
+
 class JobEventOut(BaseModel):
     at: datetime
     from_state: JobState | None
@@ -56,10 +61,32 @@ class JobOut(BaseModel):
     replica: str | None
     audio_seconds: float | None = None
     timings: JobTimings
+    credits: JobCredits
     result: dict[str, Any] | None = None
     error: JobError | None = None
     links: JobLinks
     events: list[JobEventOut] | None = None
+
+
+class JobList(BaseModel):
+    """A page of the tenant's jobs, newest first."""
+
+    data: list[JobOut]
+    next_cursor: str | None = Field(description="pass as ?cursor= (with the same filters) for the next page")
+
+
+STATES_PATTERN = "^(" + "|".join(s.value for s in JobState) + ")(,(" + "|".join(s.value for s in JobState) + "))*$"
+
+
+class JobListQuery(BaseModel):
+    status: str | None = Field(
+        default=None, pattern=STATES_PATTERN, description="only jobs in these states, comma-separated"
+    )
+    service: str | None = Field(default=None, max_length=64)
+    created_after: AwareDatetime | None = Field(default=None, description="created at or after (RFC 3339)")
+    created_before: AwareDatetime | None = Field(default=None, description="created before (RFC 3339)")
+    limit: int = Field(default=20, ge=1, le=100)
+    cursor: str | None = Field(default=None, max_length=200, description="next_cursor of the previous page")
 
 
 class JobQuery(BaseModel):
@@ -97,6 +124,10 @@ def job_out(job: Job, *, with_events: bool) -> JobOut:
             finished_at=job.finished_at,
             queue_seconds=_seconds(job.created_at, job.dispatched_at),
             run_seconds=_seconds(job.started_at, job.finished_at),
+        ),
+        credits=JobCredits(
+            reserved=job.credits_reserved,
+            charged=job.credits_charged,
         ),
         result=job.result if job.state == JobState.SUCCEEDED else None,
         error=JobError(code=job.error_code, message=job.error_message or "")

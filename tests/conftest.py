@@ -329,7 +329,7 @@ def config_file(
         "max_hold_seconds": 60,
         "replicas": [{**_replica("narrow", replicas["narrow"]), "max_concurrency": 1}],
     }
-    config["tiers"] = {"free": {"rate_limit": "6/minute", "concurrency": 2}}
+    config["tiers"] = {"free": {"rate_limit": "6/minute", "read_rate_limit": "6/minute", "concurrency": 2}}
     services["codegen-circuit"] = {
         "kind": "codegen",
         **fast,

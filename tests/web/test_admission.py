@@ -52,8 +52,8 @@ def _assert_ledger_consistent(db: Any, tenant_id: int) -> Tenant:
 # -- rate limits ---------------------------------------------------------------------------------------------
 
 
-def test_tier_limit_is_exact_at_the_boundary_and_shared_by_two_instances(settings: Settings, db: Any) -> None:
-    free = make_tenant(db, tier="free")  # test config: free = 6/minute
+def test_a_tier_budget_is_exact_at_the_boundary_and_shared_by_two_instances(settings: Settings, db: Any) -> None:
+    free = make_tenant(db, tier="free")  # test config: free = 6 reads a minute
     instances = [create_app(settings).test_client(), create_app(settings).test_client()]
     remaining = []
     for i in range(6):
@@ -66,18 +66,24 @@ def test_tier_limit_is_exact_at_the_boundary_and_shared_by_two_instances(setting
     blocked = instances[0].get("/v1/credits", headers=free.headers)
     assert blocked.status_code == 429
     err = blocked.json["error"]
-    assert err["code"] == "RATE_LIMITED" and err["details"]["scope"] == "tier"
+    assert err["code"] == "RATE_LIMITED" and err["details"]["scope"] == "read"
     assert err["details"]["limit"] == "6 per 1 minute" and err["details"]["tier"] == "free"
     assert 1 <= int(blocked.headers["Retry-After"]) <= 60
     # Another tenant of the same tier is not affected.
     assert instances[1].get("/v1/credits", headers=make_tenant(db, tier="free").headers).status_code == 200
 
 
-def test_cost_weights_and_endpoint_limits(client: Any, worker: Any, db: Any) -> None:
-    free = make_tenant(db, tier="free")
+def test_cost_weights_endpoint_limits_and_reads_apart_from_submits(client: Any, worker: Any, db: Any) -> None:
+    free = make_tenant(db, tier="free")  # test config: 6 submit units and 6 reads a minute
     heavy = client.post("/v1/jobs/codegen-heavy", headers=free.headers, json={"prompt": "x"})
     assert heavy.status_code == 202 and heavy.headers["RateLimit-Remaining"] == "3"  # 6 - weight 3
-    assert client.get("/v1/credits", headers=free.headers).headers["RateLimit-Remaining"] == "2"
+    # Polls draw on the read budget: five of them leave the submit budget as the submit left it.
+    polls = [client.get(heavy.headers["Location"], headers=free.headers) for _ in range(5)]
+    assert [p.headers["RateLimit-Remaining"] for p in polls] == ["5", "4", "3", "2", "1"]
+    again = client.post("/v1/jobs/codegen-heavy", headers=free.headers, json={"prompt": "y"})
+    assert again.status_code == 202 and again.headers["RateLimit-Remaining"] == "0"
+    assert client.get("/v1/credits", headers=free.headers).headers["RateLimit-Remaining"] == "0"
+    assert client.get("/v1/credits", headers=free.headers).status_code == 429
 
     pro = make_tenant(db)
     codes = [client.post("/v1/jobs/codegen-limited", headers=pro.headers, json={"prompt": "x"}) for _ in range(3)]
@@ -88,12 +94,13 @@ def test_cost_weights_and_endpoint_limits(client: Any, worker: Any, db: Any) -> 
 
 def test_a_longer_window_refuses_while_the_shorter_has_room(settings: Settings, db: Any) -> None:
     """Every window of a request is checked in one Redis round trip; the first full one refuses, by name."""
-    tiers = {**settings.tiers, "free": settings.tiers["free"].model_copy(update={"rate_limit": "5/minute;3/hour"})}
+    free_tier = settings.tiers["free"].model_copy(update={"read_rate_limit": "5/minute;3/hour"})
+    tiers = {**settings.tiers, "free": free_tier}
     client = create_app(settings.model_copy(update={"tiers": tiers})).test_client()
     free = make_tenant(db, tier="free")
     ok = [client.get("/v1/credits", headers=free.headers) for _ in range(3)]
     assert [r.status_code for r in ok] == [200, 200, 200]
-    # The headers describe the tier's own budget: its shortest window, the minute.
+    # The headers describe the tier's own (read) budget: its shortest window, the minute.
     assert [r.headers["RateLimit-Remaining"] for r in ok] == ["4", "3", "2"]
     refused = client.get("/v1/credits", headers=free.headers)
     assert refused.status_code == 429
@@ -119,8 +126,8 @@ def test_without_redis_limits_hold_per_process_and_credits_are_still_reserved(
     accepted = [client.post("/v1/jobs/codegen", headers=free.headers, json={"prompt": "x"}) for _ in range(4)]
     assert [r.status_code for r in accepted] == [202, 202, 202, 402]  # credits decide, in PostgreSQL
     for _ in range(2):
-        assert client.get("/v1/credits", headers=free.headers).status_code == 200
-    limited = client.get("/v1/credits", headers=free.headers)  # 7th request of 6/minute, counted in memory
+        assert client.post("/v1/jobs/codegen", headers=free.headers, json={"prompt": "x"}).status_code == 402
+    limited = client.post("/v1/jobs/codegen", headers=free.headers, json={"prompt": "x"})  # 7th of 6/minute
     assert limited.status_code == 429 and limited.json["error"]["code"] == "RATE_LIMITED"
     t = _assert_ledger_consistent(db, free.tenant_id)
     assert t.credits_balance + t.credits_reserved <= 3
