@@ -1,6 +1,8 @@
-"""Prefer: wait on one web instance (gunicorn, one gevent worker, as `jobgate up` runs it): held waits and overhead.
+"""Prefer: wait and event streams on one web instance (gunicorn, one gevent worker, as `jobgate up` runs it):
+held waits, open streams, and the wait overhead.
 
-    .venv/bin/python -m bench.waits [--held 1000] [--hold-seconds 15] [--overhead-samples 200] [--overhead-only]
+    .venv/bin/python -m bench.waits [--held 1000] [--streams 1000] [--hold-seconds 15] [--overhead-samples 200]
+                                    [--overhead-only]
 
 Held: N jobs go to replicas that answer after --hold-seconds (N slots in all, one dispatch worker), then N
 clients each read their job with `Prefer: wait=60`, all at once. The web process's resident memory before the
@@ -8,6 +10,10 @@ waits and at its peak while they are held gives the memory per held request (tar
 answer 200 with its job SUCCEEDED. Reported: the delay from the job's end (finished_at, set in the worker's
 transaction) to its answer, and from the announcement that it ended (heard on the same Redis channel) to its
 answer: the web's own wake-up and read.
+
+Streams: then N more such jobs, and N clients each open GET /v1/jobs/<id>/events (Server-Sent Events) at once and
+read until the stream ends. Memory per open stream as above; every stream must end with its job's SUCCEEDED event
+(carrying the result) and have seen each state once, in order.
 
 Overhead: one client, one request at a time, alternating: POST straight to a replica answering at once, and
 POST /v1/jobs/<service> with `Prefer: wait=10` through the gateway to that replica (admission, broker, worker,
@@ -49,7 +55,7 @@ from gateway_core.db import Database  # noqa: E402
 from gateway_core.migrate import upgrade  # noqa: E402
 from gateway_core.models import Job  # noqa: E402
 from gateway_core.tenants import create_api_key, create_tenant  # noqa: E402
-from gateway_tasks.ended import JOBS_ENDED_CHANNEL  # noqa: E402
+from gateway_tasks.announce import JOBS_ENDED_CHANNEL  # noqa: E402
 from tests.procs import BIN, Proc, free_port, start_replica  # noqa: E402
 
 PG = os.environ.get("JOBGATE_BENCH_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
@@ -92,6 +98,37 @@ async def _hold(base: str, headers: dict[str, str], ids: list[str], web: psutil.
             await asyncio.sleep(0.1)
         await asyncio.gather(*tasks)
     return {"answers": answers, "peak_rss": peak, "held_peak": held_peak}
+
+
+async def _streams(base: str, headers: dict[str, str], ids: list[str], web: psutil.Process) -> dict[str, Any]:
+    """Open every job's event stream at once and read each to its end; sample the web's memory meanwhile."""
+    peak = web.memory_info().rss
+    seen: dict[str, list[str]] = {}
+    final: dict[str, str] = {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120) as client:
+
+        async def follow(job_id: str) -> None:
+            states = seen.setdefault(job_id, [])
+            async with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as resp:
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: "):
+                        data = json.loads(line[6:])
+                        states.append(data["to_state"])
+                        if "job" in data:
+                            final[job_id] = data["job"]["status"]
+
+        tasks = [asyncio.create_task(follow(job_id)) for job_id in ids]
+        open_peak = 0
+        while not all(t.done() for t in tasks):
+            peak = max(peak, web.memory_info().rss)
+            held = len([c for c in web.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED])
+            open_peak = max(open_peak, held)
+            await asyncio.sleep(0.1)
+        await asyncio.gather(*tasks)
+    whole = ["RECEIVED", "QUEUED", "DISPATCHED", "PROCESSING", "SUCCEEDED"]
+    complete = sum(1 for j in ids if seen.get(j) == whole and final.get(j) == "SUCCEEDED")
+    return {"complete": complete, "peak_rss": peak, "open_peak": open_peak}
 
 
 def _listen_for_ends(url: str) -> dict[str, float]:
@@ -163,6 +200,7 @@ def _print_overhead(o: dict[str, Any], stages: dict[str, float]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--held", type=int, default=1000)
+    ap.add_argument("--streams", type=int, default=1000, help="event streams open at once (0: skip)")
     ap.add_argument("--hold-seconds", type=float, default=15.0)
     ap.add_argument("--overhead-samples", type=int, default=200)
     ap.add_argument("--overhead-only", action="store_true", help="measure the overhead alone; nothing is written")
@@ -184,7 +222,8 @@ def main() -> int:
         for i in range(2):
             proc, url = start_replica(tmp, "codegen", f"hold-{i}", latency_ms=int(args.hold_seconds * 1000))
             procs.append(proc)
-            hold_reps.append({"name": f"hold-{i}", "url": url, "max_concurrency": -(-args.held // 2), "timeout": 120})
+            slots = -(-max(args.held, args.streams) // 2)
+            hold_reps.append({"name": f"hold-{i}", "url": url, "max_concurrency": slots, "timeout": 120})
         proc, fast_url = start_replica(tmp, "codegen", "fast")
         procs.append(proc)
         fast_reps.append({"name": "fast", "url": fast_url, "max_concurrency": 16, "timeout": 30})
@@ -228,7 +267,7 @@ def main() -> int:
                 "--worker-class",
                 "gevent",
                 "--worker-connections",
-                str(args.held + 1000),
+                str(max(args.held, args.streams) + 1000),
                 "--bind",
                 f"127.0.0.1:{port}",
                 "gateway_web:create_app()",
@@ -307,6 +346,21 @@ def main() -> int:
                 "waits_started_after_submit_s": round(min(a[0] for a in answers.values()) - submitted, 1),
             },
         }
+        if args.streams:
+            idle_rss = web.memory_info().rss
+            with httpx.Client(base_url=base, timeout=30) as client:
+                ids = [
+                    client.post("/v1/jobs/hold", headers=headers, json=body).json()["id"] for _ in range(args.streams)
+                ]
+            streamed = asyncio.run(_streams(base, headers, ids, web))
+            result["streams"] = {
+                "streams": args.streams,
+                "complete": streamed["complete"],
+                "peak_connections_open": streamed["open_peak"],
+                "web_idle_rss_mb": round(idle_rss / 2**20, 1),
+                "web_peak_rss_mb": round(streamed["peak_rss"] / 2**20, 1),
+                "kb_per_open_stream": round((streamed["peak_rss"] - idle_rss) / 1024 / args.streams, 1),
+            }
         h = result["held"]
         _print_overhead(result["overhead"], stages)
         print(f"\nheld: {h['requests']} waits at once")
@@ -320,10 +374,19 @@ def main() -> int:
             f"{str(h['end_to_answer_median_ms']) + ' / ' + str(h['end_to_answer_p99_ms']):>23} "
             f"{str(h['announce_to_answer_median_ms']) + ' / ' + str(h['announce_to_answer_p99_ms']):>29}"
         )
+        if args.streams:
+            st = result["streams"]
+            print(f"\nstreams: {st['streams']} event streams open at once, each read to its end")
+            print(f"{'complete':>9} {'conns open':>11} {'idle MB':>8} {'peak MB':>8} {'KB/stream':>10}")
+            print(
+                f"{st['complete']:>9} {st['peak_connections_open']:>11} {st['web_idle_rss_mb']:>8.1f} "
+                f"{st['web_peak_rss_mb']:>8.1f} {st['kb_per_open_stream']:>10.1f}"
+            )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         doc = {"benchmark": "waits", "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count()}
         args.out.write_text(json.dumps({**doc, **result}, indent=2))
-        return 0 if ok == args.held else 1
+        streams_ok = not args.streams or result["streams"]["complete"] == args.streams
+        return 0 if ok == args.held and streams_ok else 1
     finally:
         for p in procs:
             p.stop()

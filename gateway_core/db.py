@@ -18,13 +18,23 @@ from sqlalchemy.sql.dml import Insert, Update
 
 log = logging.getLogger(__name__)
 
-# session.info key: the ids of the jobs the session's transaction moved to a terminal state.
-ENDED_JOBS = "jobgate.ended_jobs"
+# session.info key: the jobs the session's transaction moved to another state, each with whether it ended.
+MOVED_JOBS = "jobgate.moved_jobs"
 
 
-def note_ended(session: Session, job_id: str) -> None:
-    """Remember that this transaction ends ``job_id``, for the Database's on_jobs_ended hooks after commit."""
-    session.info.setdefault(ENDED_JOBS, []).append(job_id)
+@dataclass(frozen=True)
+class Moves:
+    """The jobs one committed transaction moved, and those of them it ended."""
+
+    moved: list[str]
+    ended: list[str]
+
+
+def note_moved(session: Session, job_id: str, *, ended: bool) -> None:
+    """Remember that this transaction moves ``job_id`` (to a terminal state when ``ended``), for the Database's
+    on_jobs_moved hooks after commit."""
+    noted: dict[str, bool] = session.info.setdefault(MOVED_JOBS, {})
+    noted[job_id] = ended or noted.get(job_id, False)
 
 
 def make_engine(url: str) -> Engine:
@@ -66,22 +76,25 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._ended_hooks: list[Callable[[list[str]], None]] = []
+        self._moved_hooks: list[Callable[[Moves], None]] = []
         event.listen(self._sessions, "after_commit", self._after_commit)
-        event.listen(self._sessions, "after_rollback", lambda session: session.info.pop(ENDED_JOBS, None))
+        event.listen(self._sessions, "after_rollback", lambda session: session.info.pop(MOVED_JOBS, None))
 
-    def on_jobs_ended(self, hook: Callable[[list[str]], None]) -> None:
-        """Call ``hook`` with the ids of the jobs a transaction ended, once it has committed. A hook that
+    def on_jobs_moved(self, hook: Callable[[Moves], None]) -> None:
+        """Call ``hook`` with the jobs a transaction moved (and ended), once it has committed. A hook that
         raises is logged: the transaction is already durable."""
-        self._ended_hooks.append(hook)
+        self._moved_hooks.append(hook)
 
     def _after_commit(self, session: Session) -> None:
-        ended = session.info.pop(ENDED_JOBS, None)
-        for hook in self._ended_hooks if ended else ():
+        noted: dict[str, bool] | None = session.info.pop(MOVED_JOBS, None)
+        if not noted:
+            return
+        moves = Moves(list(noted), [job_id for job_id, ended in noted.items() if ended])
+        for hook in self._moved_hooks:
             try:
-                hook(ended)
+                hook(moves)
             except Exception:
-                log.exception("a jobs-ended hook failed")
+                log.exception("a jobs-moved hook failed")
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

@@ -16,7 +16,7 @@ from typing import Any, Protocol, cast
 from sqlalchemy import Table, bindparam, false, insert, literal, or_, select, true, tuple_, update
 from sqlalchemy.orm import Session, make_transient_to_detached
 
-from gateway_core.db import Database, Writes, insert_rows, note_ended, write_together
+from gateway_core.db import Database, Writes, insert_rows, note_moved, write_together
 from gateway_core.errors import NotFoundError
 from gateway_core.models import Job, JobEvent, utcnow
 from gateway_core.states import IN_FLIGHT, TERMINAL, JobState, check_transition
@@ -130,8 +130,7 @@ def transition(
     ).one_or_none()
     if moved is None:
         return None
-    if to in TERMINAL:
-        note_ended(session, job.id)
+    note_moved(session, job.id, ended=to in TERMINAL)
     session.add(
         JobEvent(
             job_id=job.id,
@@ -284,6 +283,12 @@ def jobs_page(
         at, job_id = after
         stmt = stmt.where(tuple_(Job.created_at, Job.id) < tuple_(literal(at, Job.created_at.type), literal(job_id)))
     return list(session.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)))
+
+
+def events_after(session: Session, job_id: str, after_id: int) -> list[JobEvent]:
+    """The job's events with an id above ``after_id``, in the order they happened (ids only grow)."""
+    stmt = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after_id).order_by(JobEvent.id)
+    return list(session.scalars(stmt))
 
 
 def failed_replicas(job: Job) -> set[str]:

@@ -20,7 +20,7 @@ import celeryconfig
 from gateway_core.db import Database
 from gateway_core.live import LiveSettings, request_reload
 from gateway_core.settings import Settings
-from gateway_tasks.ended import announcer
+from gateway_tasks.announce import announcer
 from gateway_tasks.fanout import Fanout
 from gateway_tasks.in_hand import InHand
 from gateway_tasks.pool import gevent_active
@@ -50,7 +50,7 @@ class WorkerContext:
     @cached_property
     def db(self) -> Database:
         db = Database(self.settings.database_url)
-        db.on_jobs_ended(announcer(self.redis))
+        db.on_jobs_moved(announcer(self.redis))
         return db
 
     @cached_property

@@ -11,8 +11,8 @@ from flask_openapi3 import Info
 
 from gateway_core.db import Database
 from gateway_core.settings import Settings, load_settings
+from gateway_tasks.announce import announcer, end_listener, move_listener
 from gateway_tasks.celery_app import create_celery
-from gateway_tasks.ended import announcer, end_listener
 from gateway_tasks.pool import cooperate_with_gevent
 from gateway_web import admin, credits, health, jobs
 from gateway_web.auth import SECURITY_SCHEMES, init_auth
@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> JobgateOpenAPI:
     cooperate_with_gevent()  # served by gunicorn's gevent workers: psycopg2 must yield while it waits
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
     db = Database(settings.database_url)
-    db.on_jobs_ended(announcer(client))
+    db.on_jobs_moved(announcer(client))
     app.extensions["jobgate"] = WebContext(
         settings=settings,
         db=db,
@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None) -> JobgateOpenAPI:
         redis=client,
         # A subscription waits without a read timeout: its own client.
         job_ends=end_listener(redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)),
+        job_moves=move_listener(redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)),
     )
 
     @app.before_request

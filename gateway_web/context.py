@@ -21,11 +21,13 @@ class WebContext:
     celery: JobgateCelery
     redis: redis.Redis
     job_ends: Fanout  # requests waiting for a job to end (Prefer: wait) are woken through it
+    job_moves: Fanout  # event streams are woken through it at each move of their job
     limit_pool: BlockingConnectionPool | None = None  # the rate limiter's connections
 
     def close(self) -> None:
         """Close every pool and connection of an app that serves no more requests (replaced by a reload)."""
         self.job_ends.close()
+        self.job_moves.close()
         if self.limit_pool is not None:
             self.limit_pool.disconnect()
         self.db.dispose()

@@ -41,6 +41,7 @@ from gateway_web.schemas import (
     job_link,
     job_out,
 )
+from gateway_web.streams import job_events
 from gateway_web.submission import JSON, MULTIPART, Submission, parse_submission
 from gateway_web.waits import applied, preferred_wait, wait_for_end
 
@@ -213,6 +214,12 @@ def make_blueprint(app: JobgateOpenAPI) -> APIBlueprint:
             return _conditional(*read())
         return _conditional(*wait_for_end(path.job_id, wait, read), headers=applied(wait))
 
+    def stream_job(path: JobPath) -> Response:
+        """The job's state changes as Server-Sent Events (``event: state``, ``id`` the event's own), the last
+        carrying the ended job with its result or error; then the stream ends. Reconnect with
+        ``Last-Event-ID`` to get exactly the events missed."""
+        return job_events(path.job_id, principal().tenant_id)
+
     def cancel_job(path: JobPath) -> Response:
         """Cancel a job that has not ended; its reserved credits are released. 409 if it already ended."""
         with ctx().db.transaction() as s:
@@ -245,6 +252,7 @@ def make_blueprint(app: JobgateOpenAPI) -> APIBlueprint:
 
     bp.get("/jobs", responses={200: JobList, **ERRORS})(reads(list_jobs))
     bp.get("/jobs/<job_id>", responses={200: JobOut, 304: None, **ERRORS})(reads(read_job))
+    bp.get("/jobs/<job_id>/events", responses={200: None, 400: ErrorEnvelope, **ERRORS})(reads(stream_job))
     cancel_responses: dict[str | int, Any] = {200: JobOut, 409: ErrorEnvelope, **ERRORS}
     bp.delete("/jobs/<job_id>", responses=cancel_responses)(reads(cancel_job))
     bp.post("/jobs/<job_id>/cancel", responses=cancel_responses)(reads(cancel_job_post))

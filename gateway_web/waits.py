@@ -1,5 +1,5 @@
 """``Prefer: wait=N`` (RFC 7240, as Replicate uses it): hold a submit or a read until the job ends or N seconds
-pass, woken by the word that a job ended (gateway_tasks.ended), never by polling the database."""
+pass, woken by the word that a job ended (gateway_tasks.announce), never by polling the database."""
 
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ def test_other_preferences_are_ignored_and_another_tenants_job_is_not_waited_on(
 
 
 def test_an_app_replaced_by_a_reload_closes_its_subscription_and_connections(settings: Any) -> None:
-    from gateway_tasks.ended import JOBS_ENDED_CHANNEL
+    from gateway_tasks.announce import JOBS_ENDED_CHANNEL
     from gateway_web import create_app
     from tests.conftest import until
 
