@@ -232,7 +232,11 @@ def main() -> int:
         config.update(database_url=db_url, redis_url=f"{REDIS}/11", broker_url=broker)
         # Limits are evaluated on every request (their cost is measured): the default tiers' three windows and the
         # global limit, set high enough not to refuse.
-        tier = {"rate_limit": "10000000/minute;100000000/hour;1000000000/day", "concurrency": 50}
+        tier = {
+            "rate_limit": "10000000/minute;100000000/hour;1000000000/day",
+            "read_rate_limit": "10000000/minute",
+            "concurrency": 50,
+        }
         config["tiers"] = {"enterprise": tier}
         (tmp / "gateway.yaml").write_text(yaml.safe_dump(config))
         env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL")}

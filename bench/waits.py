@@ -111,6 +111,9 @@ async def _streams(base: str, headers: dict[str, str], ids: list[str], web: psut
         async def follow(job_id: str) -> None:
             states = seen.setdefault(job_id, [])
             async with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as resp:
+                if resp.status_code != 200:
+                    states.append(f"HTTP {resp.status_code}")
+                    return
                 async for line in resp.aiter_lines():
                     if line.startswith("data: "):
                         data = json.loads(line[6:])
@@ -127,8 +130,9 @@ async def _streams(base: str, headers: dict[str, str], ids: list[str], web: psut
             await asyncio.sleep(0.1)
         await asyncio.gather(*tasks)
     whole = ["RECEIVED", "QUEUED", "DISPATCHED", "PROCESSING", "SUCCEEDED"]
-    complete = sum(1 for j in ids if seen.get(j) == whole and final.get(j) == "SUCCEEDED")
-    return {"complete": complete, "peak_rss": peak, "open_peak": open_peak}
+    complete = [j for j in ids if seen.get(j) == whole and final.get(j) == "SUCCEEDED"]
+    odd = [{"job_id": j, "states": seen.get(j), "final": final.get(j)} for j in ids if j not in set(complete)][:5]
+    return {"complete": len(complete), "incomplete_examples": odd, "peak_rss": peak, "open_peak": open_peak}
 
 
 def _listen_for_ends(url: str) -> dict[str, float]:
@@ -232,7 +236,13 @@ def main() -> int:
             "redis_url": f"{REDIS}/9",
             "broker_url": f"{REDIS}/10",
             "gateway": {"visibility_timeout_seconds": 3600},
-            "tiers": {"enterprise": {"rate_limit": "100000000/minute", "concurrency": 100_000}},
+            "tiers": {
+                "enterprise": {
+                    "rate_limit": "100000000/minute",
+                    "read_rate_limit": "100000000/minute",
+                    "concurrency": 100_000,
+                }
+            },
             "services": {
                 "hold": {"kind": "codegen", "replicas": hold_reps},
                 "fast": {"kind": "codegen", "replicas": fast_reps},
@@ -360,6 +370,7 @@ def main() -> int:
                 "web_idle_rss_mb": round(idle_rss / 2**20, 1),
                 "web_peak_rss_mb": round(streamed["peak_rss"] / 2**20, 1),
                 "kb_per_open_stream": round((streamed["peak_rss"] - idle_rss) / 1024 / args.streams, 1),
+                "incomplete_examples": streamed["incomplete_examples"],
             }
         h = result["held"]
         _print_overhead(result["overhead"], stages)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
@@ -240,6 +241,17 @@ def _take(
     return Claimed(
         processing.id, processing.service, svc, slot, attempt, processing.request, audio, timeout, lease_ends
     )
+
+
+def still_processing(db: Database, claimed: Claimed) -> bool:
+    """Whether the job is still in PROCESSING for this attempt: not canceled, not taken over. A database that
+    is away says nothing new: the call goes on."""
+    try:
+        with db.transaction() as s:
+            row = s.execute(select(Job.state, Job.attempts).where(Job.id == claimed.job_id)).one_or_none()
+    except DATABASE_BLIPS:
+        return True
+    return row is not None and row.state == S.PROCESSING and row.attempts == claimed.attempt
 
 
 def record(

@@ -20,7 +20,7 @@ import celeryconfig
 from gateway_core.db import Database
 from gateway_core.live import LiveSettings, request_reload
 from gateway_core.settings import Settings
-from gateway_tasks.announce import announcer
+from gateway_tasks.announce import announcer, end_listener
 from gateway_tasks.fanout import Fanout
 from gateway_tasks.in_hand import InHand
 from gateway_tasks.pool import gevent_active
@@ -71,6 +71,13 @@ class WorkerContext:
         return grant_listener(client)
 
     @cached_property
+    def ends(self) -> Fanout:
+        # The ends of jobs, heard by the calls in flight (a job canceled meanwhile has its call stopped); its own
+        # client, as above. Not every move: a call would wake for its own job's claim.
+        client = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2, socket_keepalive=True)
+        return end_listener(client)
+
+    @cached_property
     def in_hand(self) -> InHand:
         return InHand(self.redis)
 
@@ -81,7 +88,7 @@ class WorkerContext:
 
     def reset_after_fork(self) -> None:
         """Drop connections inherited from the parent; children open their own."""
-        for name in ("db", "redis", "http", "registry", "grants", "in_hand"):
+        for name in ("db", "redis", "http", "registry", "grants", "ends", "in_hand"):
             obj = self.__dict__.pop(name, None)
             if isinstance(obj, Database):
                 obj.engine.dispose(close=False)

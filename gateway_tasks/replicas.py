@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 from gateway_core.dispatch import Answer, AttemptFailed, Claimed
 from gateway_core.settings import ReplicaConfig
 from gateway_tasks.pool import gevent_active
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,20 @@ def build_payload(claimed: Claimed) -> dict[str, Any]:
         media, data = claimed.audio
         payload["audio"] = {"content_type": media, "data_base64": base64.b64encode(data).decode()}
     return payload
+
+
+def cancel_at_replica(http: httpx.Client, replica: ReplicaConfig, job_id: str) -> bool:
+    """Ask the replica to stop working on the job (``POST /v1/cancel``); whether it said it did. A replica
+    without the route, or one that cannot be reached, just runs the job to its end unheard."""
+    try:
+        resp = http.post(f"{replica.base_url}/v1/cancel", json={"job_id": job_id}, timeout=CANCEL_TIMEOUT_SECONDS)
+    except httpx.HTTPError as exc:
+        log.warning("could not cancel job %s at replica %s: %s", job_id, replica.name, exc)
+        return False
+    return resp.status_code == 200
+
+
+CANCEL_TIMEOUT_SECONDS = 5.0
 
 
 def _reason(resp: httpx.Response) -> str:

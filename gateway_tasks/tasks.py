@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 
+import gevent
 import httpx
 import redis
 from celery import Task, shared_task
@@ -25,8 +26,9 @@ from gateway_tasks.alerts import SEND_TASK, deliver, raise_alert
 from gateway_tasks.balancer import ReplicaChooser
 from gateway_tasks.celery_app import WorkerContext
 from gateway_tasks.in_hand import holding
+from gateway_tasks.pool import gevent_active
 from gateway_tasks.publish import DISPATCH_TASK, empty_queues, publish_dispatch
-from gateway_tasks.replicas import ReplicaError, build_payload, call_replica
+from gateway_tasks.replicas import ReplicaError, build_payload, call_replica, cancel_at_replica
 from gateway_tasks.waiting import rank, wait_for_slot
 
 log = logging.getLogger(__name__)
@@ -85,13 +87,14 @@ def _dispatch(task: Task, ctx: WorkerContext, job_id: str) -> Outcome:
         return claim
     service, replica = claim.service, claim.replica
     started = time.monotonic()
-    result: dispatch.Answer | ReplicaError
     try:
-        try:
-            result = call_replica(ctx.http, replica, build_payload(claim), timeout=claim.timeout)
+        result = _call_while_processing(ctx, claim)
+        if result is None:  # canceled while the replica worked: it was told to stop
+            return Outcome.SUPERSEDED
+        if isinstance(result, dispatch.Answer):
             _feed_circuit(task, ctx, service, replica.name, ok=True, latency=time.monotonic() - started)
-        except ReplicaError as err:
-            result = err
+        else:
+            err = result
             if err.code == "REPLICA_UNREACHABLE":
                 ctx.registry.mark_down(service, replica.name)
             if err.retriable:
@@ -103,6 +106,37 @@ def _dispatch(task: Task, ctx: WorkerContext, job_id: str) -> Outcome:
     # A database blip is waited out in place until the lease runs out; then the task is retried and the
     # sweeper takes the job over.
     return dispatch.record(ctx.db, claim, result)
+
+
+def _call(ctx: WorkerContext, claim: dispatch.Claimed) -> dispatch.Answer | ReplicaError:
+    try:
+        return call_replica(ctx.http, claim.replica, build_payload(claim), timeout=claim.timeout)
+    except ReplicaError as err:
+        return err
+
+
+def _call_while_processing(ctx: WorkerContext, claim: dispatch.Claimed) -> dispatch.Answer | ReplicaError | None:
+    """The replica's answer; or None, the call dropped and the replica asked to stop, as soon as the job ends
+    otherwise (canceled by its client): each end is announced, and the job's greenlet wakes to look whether it
+    is still this attempt's. Outside a gevent worker the call simply runs to its end."""
+    if not gevent_active():
+        return _call(ctx, claim)
+    with ctx.ends.expecting(claim.job_id) as ended:
+        call = gevent.spawn(_call, ctx, claim)
+        try:
+            while True:
+                gevent.wait([call, ended], count=1)
+                if call.ready():
+                    return call.get()
+                ended.clear()
+                if not dispatch.still_processing(ctx.db, claim):
+                    call.kill()
+                    cancel_at_replica(ctx.http, claim.replica, claim.job_id)
+                    log.info("job %s ended during its call to %s: call dropped", claim.job_id, claim.replica.name)
+                    return None
+        finally:
+            if not call.ready():  # this greenlet was stopped itself (a worker shutting down): so is the call
+                call.kill()
 
 
 def _wait_in_line(ctx: WorkerContext, chooser: ReplicaChooser, wait: dispatch.Wait) -> dispatch.Slot | None:

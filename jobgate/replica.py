@@ -12,7 +12,6 @@ import logging
 import random
 import sys
 import threading
-import time
 from collections import Counter
 from typing import Any
 
@@ -29,6 +28,8 @@ def create_replica_app(
     app = Flask(f"replica-{name}")
     lock = threading.Lock()
     processed: Counter[str] = Counter()
+    canceled: Counter[str] = Counter()
+    running: dict[str, threading.Event] = {}  # job id -> set to stop its simulated work
     stats = {"requests": 0, "failures": 0, "in_flight": 0, "max_in_flight": 0}
     rng = random.Random(seed)
 
@@ -52,21 +53,40 @@ def create_replica_app(
     @app.get("/stats")
     def stats_view() -> Response:
         with lock:
-            return jsonify({**stats, "processed": dict(processed)})
+            return jsonify({**stats, "processed": dict(processed), "canceled": dict(canceled)})
+
+    @app.post("/v1/cancel")
+    def cancel() -> Any:
+        """Stop the work on a job: its call answers 409 CANCELED at once (nobody waits for it any more)."""
+        body = request.get_json(silent=True)
+        job_id = str(body.get("job_id")) if isinstance(body, dict) and "job_id" in body else None
+        if job_id is None:
+            return error(400, "BAD_REQUEST", "expected a JSON object with job_id")
+        with lock:
+            stop = running.get(job_id)
+        if stop is None:
+            return error(404, "NOT_RUNNING", f"job {job_id} is not running here")
+        stop.set()
+        return jsonify({"job_id": job_id, "canceled": True})
 
     @app.post("/v1/process")
     def process() -> Any:
         body = request.get_json(silent=True)
         if not isinstance(body, dict) or not isinstance(body.get("input"), dict) or "job_id" not in body:
             return error(400, "BAD_REQUEST", "expected a JSON object with job_id and input")
+        job_id = str(body["job_id"])
+        stop = threading.Event()
         with lock:
             stats["requests"] += 1
             stats["in_flight"] += 1
             stats["max_in_flight"] = max(stats["max_in_flight"], stats["in_flight"])
             fail = rng.random() < fail_rate
+            running[job_id] = stop
         try:
-            if latency_ms:
-                time.sleep(latency_ms / 1000)
+            if latency_ms and stop.wait(latency_ms / 1000) or stop.is_set():
+                with lock:
+                    canceled[job_id] += 1
+                return error(409, "CANCELED", f"job {job_id} was canceled")
             if fail:
                 with lock:
                     stats["failures"] += 1
@@ -75,11 +95,13 @@ def create_replica_app(
             if isinstance(out, tuple):
                 return error(*out)
             with lock:
-                processed[str(body["job_id"])] += 1
+                processed[job_id] += 1
             return jsonify(out)
         finally:
             with lock:
                 stats["in_flight"] -= 1
+                if running.get(job_id) is stop:
+                    del running[job_id]
 
     return app
 

@@ -135,6 +135,7 @@ def replicas(tmp_session: Path) -> Iterator[dict[str, str]]:
         "slow": ("codegen", {"latency_ms": 1500}),
         "slower": ("codegen", {"latency_ms": 4000}),
         "narrow": ("codegen", {"latency_ms": 800}),
+        "glacial": ("codegen", {"latency_ms": 60_000}),  # only ever canceled
         "flippy": ("codegen", {"fail_rate": 1.0}),  # its fail rate is switched at run time
     }
     procs: list[Proc] = []
@@ -328,6 +329,12 @@ def config_file(
         **fast,
         "max_hold_seconds": 60,
         "replicas": [{**_replica("narrow", replicas["narrow"]), "max_concurrency": 1}],
+    }
+    # One slot on a replica that takes a minute: held by a job until the job is canceled.
+    services["codegen-glacial"] = {
+        "kind": "codegen",
+        **fast,
+        "replicas": [{**_replica("glacial", replicas["glacial"], timeout=90), "max_concurrency": 1}],
     }
     config["tiers"] = {"free": {"rate_limit": "6/minute", "read_rate_limit": "6/minute", "concurrency": 2}}
     services["codegen-circuit"] = {

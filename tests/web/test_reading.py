@@ -6,7 +6,9 @@ import threading
 from typing import Any
 from urllib.parse import quote
 
-from tests.conftest import TenantKey, make_tenant, wait_state, wait_terminal
+import httpx
+
+from tests.conftest import TenantKey, make_tenant, until, wait_state, wait_terminal
 
 
 def _submit(client: Any, tenant: TenantKey, service: str = "codegen", prompt: str = "x") -> str:
@@ -153,3 +155,24 @@ def test_a_failed_job_retried_without_credits_is_refused_and_stays_failed(client
     assert short.status_code == 402 and short.json["error"]["code"] == "INSUFFICIENT_CREDITS"
     assert client.get(f"/v1/jobs/{job_id}", headers=tenant.headers).json["status"] == "FAILED"
     wait_terminal(db, other)
+
+
+def test_canceling_a_running_job_stops_the_replica_frees_its_slot_and_charges_nothing(
+    client: Any, worker: Any, db: Any, replicas: dict[str, str]
+) -> None:
+    tenant = make_tenant(db, credits=10)
+    stats = f"{replicas['glacial']}/stats"
+    first = _submit(client, tenant, "codegen-glacial")  # the replica's one slot, for a minute
+    wait_state(db, first, "PROCESSING")
+    assert client.post(f"/v1/jobs/{first}/cancel", headers=tenant.headers).json["status"] == "CANCELED"
+    # The worker drops the call and tells the replica, which stops working on it.
+    until(lambda: httpx.get(stats).json()["canceled"].get(first) == 1, 10, "the replica told to stop")
+    # Its slot is free at once: the next job starts long before the first would have ended.
+    second = _submit(client, tenant, "codegen-glacial")
+    wait_state(db, second, "PROCESSING", timeout=15)
+    client.post(f"/v1/jobs/{second}/cancel", headers=tenant.headers)
+    until(lambda: httpx.get(stats).json()["canceled"].get(second) == 1, 10, "the second stopped too")
+    assert not httpx.get(stats).json()["processed"]  # neither ran to its end
+    credits = client.get("/v1/credits", headers=tenant.headers).json
+    assert credits["balance"] == 10 and credits["reserved"] == 0
+    assert client.get(f"/v1/jobs/{first}", headers=tenant.headers).json["credits"] == {"reserved": 1, "charged": 0}
