@@ -7,11 +7,15 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 import redis
 
 from gateway_core.settings import Settings
 from gateway_core.states import JobState
 from tests.conftest import Inbox, TenantKey, wait_terminal
+
+# Circuit breakers live in Redis: the RabbitMQ pass of the suite leaves this module out.
+pytestmark = pytest.mark.broker_independent
 
 S = JobState
 
