@@ -44,7 +44,9 @@ def test_every_operation_answers_within_its_documented_responses(app: Any, admin
     # driven here with hypothesis directly; the checks are schemathesis's defaults (no 5xx, status and body
     # as documented).
     schema = schemathesis.openapi.from_wsgi("/openapi.json", app)
-    operations = [result.ok() for result in schema.get_all_operations()]
+    # Not codegen-glacial: its one slot takes a minute a job, and forty fuzzed jobs waiting for it would hold
+    # the session worker's greenlets for the rest of the run.
+    operations = [op for op in (r.ok() for r in schema.get_all_operations()) if "glacial" not in op.path]
     assert len(operations) >= 10
     for operation in operations:
 
