@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from gateway_core import lifecycle
 from gateway_core.backoff import retry_delay
 from gateway_core.db import Database
-from gateway_core.jobs import claimable, failed_replicas, lease_until, record_progress, transition
+from gateway_core.jobs import claimable, failed_replicas, lease_until, transition
 from gateway_core.models import Job, utcnow
 from gateway_core.settings import ReplicaConfig, ServiceConfig, Settings
 from gateway_core.states import IN_FLIGHT, JobState
@@ -241,40 +241,6 @@ def _take(
     return Claimed(
         processing.id, processing.service, svc, slot, attempt, processing.request, audio, timeout, lease_ends
     )
-
-
-@dataclass(frozen=True)
-class Progress:
-    """What a replica reported while it works: ``fraction`` done (0 to 1, when it knows), and a short message."""
-
-    fraction: float | None
-    message: str | None
-
-    @classmethod
-    def parse(cls, raw: Any) -> Progress | None:
-        """A replica's progress object, or None when it is not one (ignored: progress is advisory)."""
-        if not isinstance(raw, dict):
-            return None
-        fraction, message = raw.get("fraction"), raw.get("message")
-        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 1:
-            fraction = None
-        message = message[:MAX_PROGRESS_MESSAGE] if isinstance(message, str) else None
-        return None if fraction is None and message is None else cls(fraction, message)
-
-
-MAX_PROGRESS_MESSAGE = 200
-
-
-def report_progress(db: Database, claimed: Claimed, progress: Progress) -> bool:
-    """Record a progress report of the claimed attempt; False when the job moved on (or the database is away:
-    progress is advisory, and the answer that follows is what counts)."""
-    value = {"fraction": progress.fraction, "message": progress.message}
-    try:
-        with db.transaction() as s:
-            return record_progress(s, claimed.job_id, claimed.attempt, value)
-    except DATABASE_BLIPS as exc:
-        log.warning("progress of job %s not recorded: %s", claimed.job_id, exc)
-        return False
 
 
 def still_processing(db: Database, claimed: Claimed) -> bool:

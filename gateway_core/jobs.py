@@ -120,8 +120,6 @@ def transition(
         changes["replica"] = replica
     if to in TERMINAL:
         changes.update(finished_at=now, lease_expires_at=None)
-    if to in (S.QUEUED, S.DISPATCHED):  # a new attempt, or another replica: the last one's progress is void
-        changes.setdefault("progress", None)
     # RETURNING refreshes the job in the session from the row as updated: no second read.
     moved = session.scalars(
         update(Job)
@@ -285,36 +283,6 @@ def jobs_page(
         at, job_id = after
         stmt = stmt.where(tuple_(Job.created_at, Job.id) < tuple_(literal(at, Job.created_at.type), literal(job_id)))
     return list(session.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)))
-
-
-def record_progress(session: Session, job_id: str, attempt: int, progress: dict[str, Any]) -> bool:
-    """Keep a replica's progress report for the job's running ``attempt`` and append it as an event
-    (PROCESSING to PROCESSING, ``detail.outcome`` "progress"); False, nothing written, when the job is no longer
-    that attempt in PROCESSING (a late report of a canceled or taken-over call)."""
-    now = utcnow()
-    moved = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.state == S.PROCESSING, Job.attempts == attempt)
-        .values(progress=progress, updated_at=now)
-        .returning(Job.replica)
-        .execution_options(synchronize_session=False)
-    ).one_or_none()
-    if moved is None:
-        return False
-    detail = {"outcome": "progress", "progress": progress}
-    session.add(
-        JobEvent(
-            job_id=job_id,
-            at=now,
-            from_state=S.PROCESSING,
-            to_state=S.PROCESSING,
-            replica=moved.replica,
-            attempt=attempt,
-            detail=detail,
-        )
-    )
-    note_moved(session, job_id, ended=False)
-    return True
 
 
 def events_after(session: Session, job_id: str, after_id: int) -> list[JobEvent]:

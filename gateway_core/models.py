@@ -149,7 +149,6 @@ class Job(Base):
     # When the dispatch message was last handed to the broker; NULL means the sweeper must send it.
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     result: Mapped[dict[str, Any] | None] = mapped_column(default=None)
-    progress: Mapped[dict[str, Any] | None] = mapped_column(default=None)  # the running attempt's last report
     credits_reserved: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     credits_charged: Mapped[int | None] = mapped_column(BigInteger, default=None)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,16 +65,10 @@ def _no_constant(name: str) -> Any:
 
 
 def call_replica(
-    http: httpx.Client,
-    replica: ReplicaConfig,
-    payload: dict[str, Any],
-    *,
-    timeout: float | None = None,
-    on_progress: Callable[[Any], None] | None = None,
+    http: httpx.Client, replica: ReplicaConfig, payload: dict[str, Any], *, timeout: float | None = None
 ) -> Answer:
-    """POST the job to the replica, allowing ``timeout`` seconds (the replica's own by default) for the whole
-    answer; its answer ({output, usage}) or a ReplicaError. Progress the replica reports on the way goes to
-    ``on_progress``."""
+    """POST the job to the replica, allowing ``timeout`` seconds (the replica's own by default);
+    its answer ({output, usage}) or a ReplicaError."""
     seconds = replica.timeout if timeout is None else timeout
     late = ReplicaError("REPLICA_TIMEOUT", f"no answer within {seconds:g} s", retriable=True)
     # httpx's timeout bounds each read, not the whole answer (a replica trickling bytes would outlast it);
@@ -85,20 +78,9 @@ def call_replica(
     try:
         if deadline is not None:
             deadline.start()
-        with http.stream(
-            "POST",
-            f"{replica.base_url}/v1/process",
-            json=payload,
-            headers={"Accept": ACCEPT},
-            timeout=httpx.Timeout(seconds, connect=min(5.0, seconds)),
-        ) as resp:
-            # Decided inside, raised outside: contextlib sets __traceback__ on what passes through a with
-            # block, and a ReplicaError is frozen.
-            if resp.status_code == 200 and resp.headers.get("content-type", "").startswith(NDJSON):
-                outcome = _last_line(resp, on_progress)
-            else:
-                resp.read()
-                outcome = _answer_of(resp)
+        resp = http.post(
+            f"{replica.base_url}/v1/process", json=payload, timeout=httpx.Timeout(seconds, connect=min(5.0, seconds))
+        )
     except (httpx.TimeoutException, SoftTimeLimitExceeded):
         raise late from None
     except gevent.Timeout as exc:
@@ -110,58 +92,21 @@ def call_replica(
     finally:
         if deadline is not None:
             deadline.close()
-    if isinstance(outcome, ReplicaError):
-        raise outcome
-    return outcome
-
-
-NDJSON = "application/x-ndjson"
-# A replica may answer with progress reports first, one JSON object a line, the answer the last line; or with
-# the answer alone.
-ACCEPT = f"{NDJSON}, application/json"
-
-
-def _answer_of(resp: httpx.Response) -> Answer | ReplicaError:
     if resp.status_code >= 500 or resp.status_code == 429:
-        return ReplicaError("REPLICA_ERROR", _reason(resp), retriable=True, status=resp.status_code)
+        raise ReplicaError("REPLICA_ERROR", _reason(resp), retriable=True, status=resp.status_code)
     if resp.status_code >= 400:
-        return ReplicaError("REPLICA_REJECTED", _reason(resp), retriable=False, status=resp.status_code)
-    return _answer(_json(resp.content), resp.status_code)
-
-
-def _json(raw: str | bytes) -> Any:
+        raise ReplicaError("REPLICA_REJECTED", _reason(resp), retriable=False, status=resp.status_code)
     try:
         # Infinity and NaN are not JSON: a replica sending them sends a bad answer (the database's json type
         # would refuse to store them with the result).
-        return json.loads(raw, parse_constant=_no_constant)
+        body = json.loads(resp.content, parse_constant=_no_constant)
     except ValueError:
-        return None
-
-
-def _answer(body: Any, status: int) -> Answer | ReplicaError:
+        body = None
     if not isinstance(body, dict) or not isinstance(body.get("output"), dict):
-        return ReplicaError(
+        raise ReplicaError(
             "REPLICA_BAD_RESPONSE",
             "answer has no JSON 'output' object",
             retriable=True,
-            status=status,
+            status=resp.status_code,
         )
     return Answer(body["output"], body.get("usage") or {})
-
-
-def _last_line(resp: httpx.Response, on_progress: Callable[[Any], None] | None) -> Answer | ReplicaError:
-    """Read a streamed answer: each ``{"progress": …}`` line goes to ``on_progress``; the last line is the
-    answer, or ``{"error": …}`` (the replica could not finish: another may)."""
-    last: Any = None
-    for line in resp.iter_lines():
-        if not line.strip():
-            continue
-        last = _json(line)
-        if isinstance(last, dict) and "progress" in last and "output" not in last:
-            if on_progress is not None:
-                on_progress(last["progress"])
-            last = None
-    if isinstance(last, dict) and isinstance(last.get("error"), dict) and "output" not in last:
-        message = str(last["error"].get("message") or last["error"])[:500]
-        return ReplicaError("REPLICA_ERROR", message, retriable=True, status=resp.status_code)
-    return _answer(last, resp.status_code)

@@ -108,23 +108,9 @@ def _dispatch(task: Task, ctx: WorkerContext, job_id: str) -> Outcome:
     return dispatch.record(ctx.db, claim, result)
 
 
-PROGRESS_EVERY_SECONDS = 0.5  # at most one progress report of a job is recorded in this time; the rest are dropped
-
-
 def _call(ctx: WorkerContext, claim: dispatch.Claimed) -> dispatch.Answer | ReplicaError:
-    last = 0.0
-
-    def on_progress(raw: Any) -> None:
-        nonlocal last
-        progress = dispatch.Progress.parse(raw)
-        if progress is not None and time.monotonic() - last >= PROGRESS_EVERY_SECONDS:
-            last = time.monotonic()
-            dispatch.report_progress(ctx.db, claim, progress)
-
     try:
-        return call_replica(
-            ctx.http, claim.replica, build_payload(claim), timeout=claim.timeout, on_progress=on_progress
-        )
+        return call_replica(ctx.http, claim.replica, build_payload(claim), timeout=claim.timeout)
     except ReplicaError as err:
         return err
 

@@ -39,11 +39,6 @@ class JobTimings(BaseModel):
     run_seconds: float | None = Field(default=None, description="from the first replica call to the end")
 
 
-class JobProgress(BaseModel):
-    fraction: float | None = Field(default=None, description="share of the work done, 0 to 1, when the replica knows")
-    message: str | None = None
-
-
 class JobCredits(BaseModel):
     reserved: int = Field(description="credits held for the job when it was admitted (or retried)")
     charged: int | None = Field(default=None, description="credits captured once it ended (0 unless it succeeded)")
@@ -67,7 +62,6 @@ class JobOut(BaseModel):
     audio_seconds: float | None = None
     timings: JobTimings
     credits: JobCredits
-    progress: JobProgress | None = Field(default=None, description="the running attempt's last progress report")
     result: dict[str, Any] | None = None
     error: JobError | None = None
     links: JobLinks
@@ -131,7 +125,6 @@ def job_out(job: Job, *, with_events: bool) -> JobOut:
             queue_seconds=_seconds(job.created_at, job.dispatched_at),
             run_seconds=_seconds(job.started_at, job.finished_at),
         ),
-        progress=JobProgress(**job.progress) if job.progress and job.state == JobState.PROCESSING else None,
         credits=JobCredits(
             reserved=job.credits_reserved,
             charged=job.credits_charged,

@@ -41,8 +41,7 @@ def last_event_id() -> int:
 def _frame(event: JobEvent, job: dict[str, Any] | None) -> str:
     data = JobEventOut.model_validate(event, from_attributes=True).model_dump(mode="json")
     data = {"id": event.id, "job_id": event.job_id, **data, **({"job": job} if job is not None else {})}
-    kind = "progress" if (event.detail or {}).get("outcome") == "progress" else "state"
-    return f"id: {event.id}\nevent: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+    return f"id: {event.id}\nevent: state\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
 def job_events(job_id: str, tenant_id: int) -> Response:

@@ -288,29 +288,15 @@ def alerts_test() -> None:
 @click.option("--latency-ms", type=click.IntRange(0, 600_000), default=0, show_default=True)
 @click.option("--fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True)
 @click.option(
-    "--progress-steps",
-    type=click.IntRange(0, 100),
-    default=0,
-    show_default=True,
-    help="with a latency: report progress after each of N steps (0: answer at once when done)",
-)
-@click.option(
     "--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True, help="info: a line a request"
 )
 def replica(
-    service: str,
-    name: str | None,
-    host: str,
-    port: int,
-    latency_ms: int,
-    fail_rate: float,
-    progress_steps: int,
-    log_level: str,
+    service: str, name: str | None, host: str, port: int, latency_ms: int, fail_rate: float, log_level: str
 ) -> None:
     """Run a reference replica speaking the replica protocol (simulated output, no model)."""
     from jobgate.replica import serve_replica
 
-    serve_replica(service, name or f"{service}-{port}", host, port, latency_ms, fail_rate, log_level, progress_steps)
+    serve_replica(service, name or f"{service}-{port}", host, port, latency_ms, fail_rate, log_level)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

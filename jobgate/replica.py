@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import random
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -23,19 +21,10 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 from gateway_core.audio import measure_seconds
 from gateway_core.errors import ValidationFailedError
 
-NDJSON = "application/x-ndjson"
-
 
 def create_replica_app(
-    service: str,
-    name: str,
-    latency_ms: int = 0,
-    fail_rate: float = 0.0,
-    progress_steps: int = 0,
-    seed: int | None = None,
+    service: str, name: str, latency_ms: int = 0, fail_rate: float = 0.0, seed: int | None = None
 ) -> Flask:
-    """``progress_steps`` > 0: a caller that accepts NDJSON gets that many steps, evenly over the latency, with a
-    progress report after each but the last (docs/replica-protocol.md)."""
     app = Flask(f"replica-{name}")
     lock = threading.Lock()
     processed: Counter[str] = Counter()
@@ -93,50 +82,28 @@ def create_replica_app(
             stats["max_in_flight"] = max(stats["max_in_flight"], stats["in_flight"])
             fail = rng.random() < fail_rate
             running[job_id] = stop
-        streamed = progress_steps > 0 and latency_ms > 0 and NDJSON in request.headers.get("Accept", "")
-
-        def steps() -> Iterator[tuple[int, dict[str, Any]]]:
-            """(0, a progress report) while it works, then (status, the answer)."""
-            try:
-                count = progress_steps if streamed else 1
-                for step in range(1, count + 1):
-                    if latency_ms and stop.wait(latency_ms / 1000 / count) or stop.is_set():
-                        with lock:
-                            canceled[job_id] += 1
-                        yield 409, _error("CANCELED", f"job {job_id} was canceled")
-                        return
-                    if step < count:
-                        yield 0, {"progress": {"fraction": step / count, "message": f"step {step} of {count}"}}
-                if fail:
-                    with lock:
-                        stats["failures"] += 1
-                    yield 503, _error("SIMULATED_FAILURE", f"replica {name} failed on purpose (fail-rate {fail_rate})")
-                    return
-                out = _simulate(body)
-                if isinstance(out, tuple):
-                    yield out[0], _error(out[1], out[2])
-                    return
+        try:
+            if latency_ms and stop.wait(latency_ms / 1000) or stop.is_set():
                 with lock:
-                    processed[job_id] += 1
-                yield 200, out
-            finally:
+                    canceled[job_id] += 1
+                return error(409, "CANCELED", f"job {job_id} was canceled")
+            if fail:
                 with lock:
-                    stats["in_flight"] -= 1
-                    if running.get(job_id) is stop:
-                        del running[job_id]
-
-        if not streamed:
-            status, answer = list(steps())[-1]
-            return jsonify(answer), status
-        # Progress lines while it works, then the answer (or the error) as the last line.
-        lines = (json.dumps(answer) + "\n" for _, answer in steps())
-        return Response(lines, mimetype=NDJSON)
+                    stats["failures"] += 1
+                return error(503, "SIMULATED_FAILURE", f"replica {name} failed on purpose (fail-rate {fail_rate})")
+            out = _simulate(body)
+            if isinstance(out, tuple):
+                return error(*out)
+            with lock:
+                processed[job_id] += 1
+            return jsonify(out)
+        finally:
+            with lock:
+                stats["in_flight"] -= 1
+                if running.get(job_id) is stop:
+                    del running[job_id]
 
     return app
-
-
-def _error(code: str, message: str) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message}}
 
 
 def _simulate(body: dict[str, Any]) -> dict[str, Any] | tuple[int, str, str]:
@@ -173,19 +140,12 @@ class _KeepAliveHandler(WSGIRequestHandler):
 
 
 def serve_replica(
-    service: str,
-    name: str,
-    host: str,
-    port: int,
-    latency_ms: int,
-    fail_rate: float,
-    log_level: str = "warning",
-    progress_steps: int = 0,
+    service: str, name: str, host: str, port: int, latency_ms: int, fail_rate: float, log_level: str = "warning"
 ) -> None:
     """Serve until interrupted; prints the bound URL first (port 0 picks a free one). One line per request
     (werkzeug's, at INFO) only when ``log_level`` lets INFO through."""
     logging.getLogger("werkzeug").setLevel(log_level.upper())
-    app = create_replica_app(service, name, latency_ms, fail_rate, progress_steps)
+    app = create_replica_app(service, name, latency_ms, fail_rate)
     server = make_server(host, port, app, threaded=True, request_handler=_KeepAliveHandler)
     if logging.getLevelName(log_level.upper()) <= logging.INFO:
         print(f"replica {name} ({service}) listening on http://{host}:{server.server_port}", flush=True)

@@ -136,7 +136,6 @@ def replicas(tmp_session: Path) -> Iterator[dict[str, str]]:
         "slower": ("codegen", {"latency_ms": 4000}),
         "narrow": ("codegen", {"latency_ms": 800}),
         "glacial": ("codegen", {"latency_ms": 60_000}),  # only ever canceled
-        "progressive": ("codegen", {"latency_ms": 1500, "progress_steps": 4}),  # reports its progress
         "flippy": ("codegen", {"fail_rate": 1.0}),  # its fail rate is switched at run time
     }
     procs: list[Proc] = []
@@ -330,11 +329,6 @@ def config_file(
         **fast,
         "max_hold_seconds": 60,
         "replicas": [{**_replica("narrow", replicas["narrow"]), "max_concurrency": 1}],
-    }
-    services["codegen-progress"] = {
-        "kind": "codegen",
-        **fast,
-        "replicas": [_replica("progressive", replicas["progressive"])],
     }
     # One slot on a replica that takes a minute: held by a job until the job is canceled.
     services["codegen-glacial"] = {

@@ -71,14 +71,7 @@ class Proc:
 
 
 def start_replica(
-    tmp: Path,
-    service: str,
-    name: str,
-    *,
-    latency_ms: int = 0,
-    fail_rate: float = 0.0,
-    port: int = 0,
-    progress_steps: int = 0,
+    tmp: Path, service: str, name: str, *, latency_ms: int = 0, fail_rate: float = 0.0, port: int = 0
 ) -> tuple[Proc, str]:
     """A reference replica on ``port`` (a free one by default); returns the process and its base URL."""
     proc = Proc(
@@ -95,8 +88,6 @@ def start_replica(
             str(latency_ms),
             "--fail-rate",
             str(fail_rate),
-            "--progress-steps",
-            str(progress_steps),
         ],
         tmp / f"replica-{name}-{uuid.uuid4().hex[:4]}.log",
     )
