@@ -73,9 +73,22 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+async def _sample_until_done(clients: list[Any], web: psutil.Process) -> tuple[int, int]:
+    """Run the clients at once; the web process's peak resident memory and peak established connections."""
+    peak = web.memory_info().rss
+    connections = 0
+    tasks = [asyncio.create_task(c) for c in clients]
+    while not all(t.done() for t in tasks):
+        peak = max(peak, web.memory_info().rss)
+        held = len([c for c in web.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED])
+        connections = max(connections, held)
+        await asyncio.sleep(0.1)
+    await asyncio.gather(*tasks)
+    return peak, connections
+
+
 async def _hold(base: str, headers: dict[str, str], ids: list[str], web: psutil.Process) -> dict[str, Any]:
     """Read every job with Prefer: wait=60 at once; sample the web process's memory meanwhile."""
-    peak = web.memory_info().rss
     answers: dict[str, tuple[float, int, str]] = {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120) as client:
@@ -89,20 +102,12 @@ async def _hold(base: str, headers: dict[str, str], ids: list[str], web: psutil.
                 body.get("status") or body.get("error", {}).get("code", ""),
             )
 
-        tasks = [asyncio.create_task(wait_one(job_id)) for job_id in ids]
-        held_peak = 0
-        while not all(t.done() for t in tasks):
-            peak = max(peak, web.memory_info().rss)
-            held = len([c for c in web.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED])
-            held_peak = max(held_peak, held)
-            await asyncio.sleep(0.1)
-        await asyncio.gather(*tasks)
+        peak, held_peak = await _sample_until_done([wait_one(job_id) for job_id in ids], web)
     return {"answers": answers, "peak_rss": peak, "held_peak": held_peak}
 
 
 async def _streams(base: str, headers: dict[str, str], ids: list[str], web: psutil.Process) -> dict[str, Any]:
     """Open every job's event stream at once and read each to its end; sample the web's memory meanwhile."""
-    peak = web.memory_info().rss
     seen: dict[str, list[str]] = {}
     final: dict[str, str] = {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -121,14 +126,7 @@ async def _streams(base: str, headers: dict[str, str], ids: list[str], web: psut
                         if "job" in data:
                             final[job_id] = data["job"]["status"]
 
-        tasks = [asyncio.create_task(follow(job_id)) for job_id in ids]
-        open_peak = 0
-        while not all(t.done() for t in tasks):
-            peak = max(peak, web.memory_info().rss)
-            held = len([c for c in web.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED])
-            open_peak = max(open_peak, held)
-            await asyncio.sleep(0.1)
-        await asyncio.gather(*tasks)
+        peak, open_peak = await _sample_until_done([follow(job_id) for job_id in ids], web)
     whole = ["RECEIVED", "QUEUED", "DISPATCHED", "PROCESSING", "SUCCEEDED"]
     complete = [j for j in ids if seen.get(j) == whole and final.get(j) == "SUCCEEDED"]
     odd = [{"job_id": j, "states": seen.get(j), "final": final.get(j)} for j in ids if j not in set(complete)][:5]
